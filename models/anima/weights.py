@@ -1,0 +1,170 @@
+"""Reading safetensors checkpoints and loading them strictly into modules built on the meta device.
+
+Files are memory-mapped copy-on-write and each tensor is a zero-copy view of the mapping, so opening a
+4 GB checkpoint costs no RAM until a tensor is touched, and loading it in its own dtype on the CPU keeps
+peak RAM near the file size (no second copy). Every user-facing failure is a `WeightsError` whose message
+names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# A key suffix that only this kind of checkpoint has, and how to name the kind to a user.
+_KIND_SIGNATURES = {
+    "anima_dit": ("llm_adapter.blocks.0.cross_attn.q_proj.weight", "an Anima DiT checkpoint"),
+    "cosmos_dit": ("blocks.0.mlp.layer1.weight", "a Cosmos-Predict2 DiT without Anima's LLM adapter"),
+    "diffusers_dit": ("transformer_blocks.0.attn1.to_q.weight", "a diffusers-format transformer"),
+    "wan_vae": ("decoder.middle.0.residual.0.gamma", "a Wan 2.1 / Qwen-Image VAE"),
+    "qwen3_text_encoder": ("layers.0.self_attn.q_norm.weight", "a Qwen3 text encoder"),
+    "lora": (None, "a LoRA"),
+}
+_LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "hada_w1", "lokr_w1")
+
+
+class WeightsError(ValueError):
+    """A problem with a weight file, worded for the user; show the message as is."""
+
+
+def _source_name(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
+
+
+def open_state_dict(source: str | os.PathLike | Mapping[str, Tensor], *, what: str) -> dict[str, Tensor]:
+    """Tensors of a `.safetensors` file as zero-copy CPU views of a private memory map, or `source` itself
+    when it is already a mapping. `what` names the expected content in error messages ("Anima DiT")."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise WeightsError(f"{what} weights not found: '{path}' does not exist.")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = _read_header(f, size, path, what)
+        if size == 0:
+            return {}
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data_start = 8 + int.from_bytes(mapping[:8], "little")
+    tensors = {}
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        count = end - begin
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(mapping, dtype=dtype, count=count // dtype.itemsize, offset=data_start + begin)
+        tensors[name] = flat.view(shape)
+    return tensors
+
+
+def _read_header(f, size: int, path: Path, what: str) -> dict:
+    not_safetensors = WeightsError(f"'{path}' is not a safetensors file, so it cannot hold the {what} weights.")
+    head = f.read(8)
+    if len(head) < 8:
+        raise not_safetensors
+    header_len = int.from_bytes(head, "little")
+    if header_len > _MAX_HEADER_BYTES:
+        raise not_safetensors
+    if 8 + header_len > size:
+        raise WeightsError(f"'{path}' is truncated or corrupt (its header runs past the end of the file); "
+                           "delete it and download it again.")
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise not_safetensors from None
+    if not isinstance(header, dict):
+        raise not_safetensors
+    header.pop("__metadata__", None)
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= dim
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"'{path}' is corrupt: the entry for tensor '{name}' is malformed.") from None
+        if end > data_size:
+            raise WeightsError(f"'{path}' is truncated ({size} bytes; tensor '{name}' needs data up to byte "
+                               f"{8 + header_len + end}); delete it and download it again.")
+        if end - begin != numel * dtype.itemsize or begin > end:
+            raise WeightsError(f"'{path}' is corrupt: tensor '{name}' has the wrong number of bytes.")
+    return header
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefixes: Sequence[str]) -> dict[str, Tensor]:
+    """Remove the first of `prefixes` that some key starts with, from every key that has it."""
+    for prefix in prefixes:
+        if prefix and any(k.startswith(prefix) for k in sd):
+            return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+    return dict(sd)
+
+
+def checkpoint_kind(keys: Iterable[str]) -> str | None:
+    """What a state dict holds, from signature keys under any prefix: one of the keys of
+    `_KIND_SIGNATURES` ("anima_dit", "wan_vae", "qwen3_text_encoder", ...) or None."""
+    keys = list(keys)
+    for kind, (suffix, _) in _KIND_SIGNATURES.items():
+        if suffix and any(k.endswith(suffix) for k in keys):
+            return kind
+    if any(marker in k for k in keys for marker in _LORA_MARKERS):
+        return "lora"
+    return None
+
+
+def require_kind(sd: Mapping[str, Tensor], kind: str, *, what: str, source: object) -> None:
+    """Raise a WeightsError when `sd` is recognisably some other kind of checkpoint than `kind`."""
+    found = checkpoint_kind(sd)
+    if found == kind:
+        return
+    if not sd:
+        raise WeightsError(f"{_source_name(source)} holds no tensors, so it is not the {what} checkpoint.")
+    described = _KIND_SIGNATURES[found][1] if found else "not a checkpoint this app recognises"
+    raise WeightsError(f"{_source_name(source)} is {described}, not the {what} checkpoint. "
+                       f"Check which file you gave for the {what}.")
+
+
+def load_module_strict(module: nn.Module, sd: Mapping[str, Tensor], *, dtype: torch.dtype,
+                       device: torch.device | str, what: str) -> nn.Module:
+    """Assign `sd` to `module` (built on the meta device) after checking it matches key for key and
+    shape for shape. Floating tensors are cast to `dtype`; views of the file are kept when nothing
+    needs converting. Returns the module in eval mode without gradients."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong_shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
+                    for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shapes:
+        raise WeightsError(_mismatch_message(what, missing, unexpected, wrong_shapes))
+    converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
+    module.load_state_dict(converted, strict=True, assign=True)
+    still_meta = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"{what}: these tensors were not initialised by loading: {still_meta[:5]}")
+    return module.requires_grad_(False).eval()
+
+
+def _mismatch_message(what: str, missing: list[str], unexpected: list[str], wrong_shapes: list[str]) -> str:
+    parts = []
+    for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                         ("key(s) with the wrong shape", wrong_shapes)):
+        if items:
+            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    return f"The {what} weights do not match the model: " + "; ".join(parts) + "."
