@@ -1,0 +1,258 @@
+"""Turning generated tensors into image files that carry their own settings.
+
+Every saved image has two pieces of metadata:
+- an A1111-style `parameters` text (prompt, `Negative prompt:`, then `Key: value, ...`), the format image
+  viewers and Civitai read;
+- the full settings as JSON, which `--process` and the UI accept back, so any image can be re-made.
+
+PNG stores them as text chunks (`parameters`, and `comment`, where Wan2GP keeps its JSON); JPEG and WebP
+store them in EXIF (UserComment for the A1111 text, as A1111 does; ImageDescription for the JSON).
+Files are written to a temporary name first and then linked into place, so a reader never sees half an
+image and an existing file is never overwritten.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import ExifTags, Image, PngImagePlugin
+from torch import Tensor
+
+IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+JSON_CHUNK = "comment"
+PARAMETERS_CHUNK = "parameters"
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+_EXIF_USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\x00"
+_SLUG_MAX_CHARS = 50
+_SAVE_QUALITY = 95
+
+# A1111 infotext keys <-> settings keys, with the type each value is read back as.
+_A1111_KEYS = {
+    "Steps": ("num_inference_steps", int),
+    "Sampler": ("sample_solver", str),
+    "CFG scale": ("guidance_scale", float),
+    "Shift": ("flow_shift", float),
+    "Seed": ("seed", int),
+}
+_A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def tensor_to_pil(image: Tensor) -> Image.Image:
+    """`image` [3, H, W] float in [-1, 1] (or uint8 in [0, 255]) -> RGB PIL image."""
+    if image.dtype != torch.uint8:
+        image = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def latent_preview(latent: Tensor, factors: list[list[float]], bias: list[float], min_side: int = 256) -> Image.Image:
+    """Cheap RGB preview of the first image of `latent` [C, T, h, w] (or [C, h, w]): each pixel is
+    `latent(c) . factors + bias` (one [r, g, b] row per channel), upscaled to at least `min_side`."""
+    x = latent[:, 0] if latent.dim() == 4 else latent  # [C, h, w]
+    weights = torch.tensor(factors, dtype=torch.float32)  # [C, 3]
+    rgb = torch.einsum("chw,cr->rhw", x.detach().float().cpu(), weights) + torch.tensor(bias).view(3, 1, 1)
+    image = tensor_to_pil(rgb)
+    scale = max(1, -(-min_side // min(image.size)))
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
+
+
+def prompt_slug(prompt: str) -> str:
+    """A file-name-safe short form of the prompt (letters and digits of any script, joined by '-')."""
+    slug = re.sub(r"[\W_]+", "-", prompt.lower()).strip("-")
+    if len(slug) > _SLUG_MAX_CHARS:
+        cut = slug[:_SLUG_MAX_CHARS]
+        slug = cut.rsplit("-", 1)[0] if "-" in cut else cut
+    return slug or "image"
+
+
+def image_stem(when: datetime, seed: int, prompt: str, index: int) -> str:
+    """`{YYYY-MM-DD-HHhMMmSSs}_seed{seed}_{slug}`, plus `_{index}` for the 2nd, 3rd... image of a batch."""
+    stem = f"{when:%Y-%m-%d-%Hh%Mm%Ss}_seed{seed}_{prompt_slug(prompt)}"
+    return f"{stem}_{index}" if index else stem
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def a1111_parameters(
+    settings: Mapping[str, Any], *, model_name: str, schedule_type: str = "Simple",
+    loras: list[tuple[str, float, str | None]] = (), version: str | None = None,
+) -> str:
+    """The A1111 `parameters` text for one image. `loras` are (name, strength, short hash or None).
+
+    As in A1111, LoRAs show up as `<lora:name:strength>` tags on the prompt line and by hash in
+    `Lora hashes`; tags already written in the prompt are not repeated.
+    """
+    prompt = str(settings.get("prompt", ""))
+    tags = [f"<lora:{name}:{_number(float(s))}>" for name, s, _ in loras if f"<lora:{name}" not in prompt]
+    lines = [" ".join([prompt, *tags]).strip()]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = {
+        "Steps": settings.get("num_inference_steps"),
+        "Sampler": settings.get("sample_solver"),
+        "Schedule type": schedule_type,
+        "CFG scale": _number(float(settings.get("guidance_scale", 0))),
+        "Shift": _number(float(settings.get("flow_shift", 0))),
+        "Seed": settings.get("seed"),
+        "Size": settings.get("resolution"),
+        "Model": model_name,
+    }
+    hashes = ", ".join(f"{name}: {h}" for name, _, h in loras if h)
+    if hashes:
+        fields["Lora hashes"] = hashes
+    if version:
+        fields["Version"] = version
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v not in (None, "")))
+    return "\n".join(lines)
+
+
+def parse_a1111_parameters(text: str) -> dict[str, Any]:
+    """Settings from an A1111 `parameters` text (ours or another app's); keys it lacks are left out."""
+    lines = text.strip().split("\n")
+    params_line = lines.pop() if lines and _A1111_PARAM.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    settings: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
+    if in_negative:
+        settings["negative_prompt"] = "\n".join(negative_lines).strip()
+    for key, raw in _A1111_PARAM.findall(params_line):
+        value = json.loads(raw) if raw.startswith('"') else raw.strip()
+        if key in _A1111_KEYS:
+            name, kind = _A1111_KEYS[key]
+            try:
+                settings[name] = kind(value)
+            except ValueError:
+                continue
+        elif key == "Size" and re.fullmatch(r"\d+x\d+", value):
+            settings["resolution"] = value
+    return settings
+
+
+def _png_info(parameters: str, settings_json: str) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_CHUNK, parameters)  # Pillow falls back to iTXt for non-Latin-1 text
+    info.add_itxt(JSON_CHUNK, settings_json)
+    return info
+
+
+def _exif(parameters: str, settings_json: str) -> Image.Exif:
+    exif = Image.Exif()
+    exif[_EXIF_IMAGE_DESCRIPTION] = settings_json  # ASCII: the JSON is written with ensure_ascii
+    exif.get_ifd(ExifTags.IFD.Exif)[_EXIF_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+    return exif
+
+
+def _encode(image: Image.Image, path: Path, fmt: str, parameters: str, settings_json: str) -> None:
+    if fmt == "png":
+        image.save(path, format="PNG", pnginfo=_png_info(parameters, settings_json))
+    else:
+        image.save(path, format=fmt.upper(), quality=_SAVE_QUALITY, exif=_exif(parameters, settings_json))
+
+
+def _place(tmp: Path, candidates) -> Path:
+    """Give `tmp` the first free name of `candidates` without ever replacing an existing file."""
+    for final in candidates:
+        try:
+            os.link(tmp, final)  # atomic and fails if `final` exists
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system: reserve the name, then rename over it
+            try:
+                os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            os.replace(tmp, final)
+            return final
+        tmp.unlink()
+        return final
+    raise AssertionError("unreachable: the candidate names never run out")
+
+
+def save_image(
+    image: Image.Image, out_dir: str | os.PathLike, *, stem: str, fmt: str,
+    parameters: str, settings: Mapping[str, Any],
+) -> Path:
+    """Write `image` as `out_dir/stem.ext` (or `stem-2.ext`, `stem-3.ext`... if taken) with its metadata."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"Unknown image format '{fmt}': choose one of {', '.join(IMAGE_FORMATS)}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ext = IMAGE_FORMATS[fmt]
+    settings_json = json.dumps(dict(settings), ensure_ascii=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".saving-", suffix=ext, dir=out)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _encode(image, tmp, fmt, parameters, settings_json)
+        names = (out / f"{stem}{ext}" if n == 1 else out / f"{stem}-{n}{ext}" for n in itertools.count(1))
+        return _place(tmp, names)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _decode_user_comment(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    if raw.startswith(_UNICODE_PREFIX):
+        body = raw[len(_UNICODE_PREFIX):]
+        return body.decode("utf-16-le" if body[1:2] == b"\x00" and body[:1] != b"\x00" else "utf-16-be")
+    return raw[8:].decode("utf-8", errors="replace") if raw[:5] == b"ASCII" else raw.decode("utf-8", "replace")
+
+
+def _json_settings(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_image_metadata(path: str | os.PathLike) -> tuple[dict[str, Any] | None, str | None]:
+    """(JSON settings or None, A1111 parameters text or None) stored in an image file."""
+    try:
+        with Image.open(path) as im:
+            info = dict(im.info)
+            exif = im.getexif()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not an image file this app can read ({e}).") from None
+    settings = _json_settings(info.get(JSON_CHUNK))
+    parameters = info.get(PARAMETERS_CHUNK)
+    if settings is None:
+        settings = _json_settings(exif.get(_EXIF_IMAGE_DESCRIPTION))
+    comment = exif.get_ifd(ExifTags.IFD.Exif).get(_EXIF_USER_COMMENT)
+    if comment is not None and parameters is None:
+        text = _decode_user_comment(comment)
+        settings = settings or _json_settings(text)  # Wan2GP keeps its JSON in UserComment
+        parameters = None if _json_settings(text) else text
+    return settings, parameters
+
+
+def read_image_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings an image was made with: its JSON chunk, else what its A1111 text says."""
+    settings, parameters = read_image_metadata(path)
+    if settings is not None:
+        return settings
+    if parameters:
+        return parse_a1111_parameters(parameters)
+    raise ValueError(f"{path}: this image carries no generation settings.")

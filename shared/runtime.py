@@ -1,0 +1,216 @@
+"""Running generations: the weights are fetched and the model loaded once, then each task's settings
+become one `model.generate(**kwargs)` call (Wan2GP's contract) whose images are saved with metadata.
+
+The CLI and the UI both drive this class, so both produce the same files for the same settings.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shared.files import DownloadError, fetch_model_files
+from shared.images import a1111_parameters, image_stem, save_image, tensor_to_pil
+from shared.loras import find_lora, lora_short_hash
+from shared.offload import offload_pipe
+from shared.settings import ModelEntry, ModelRegistry, lora_multipliers, parse_resolution
+
+APP_VERSION = "AnimaGP"
+RANDOM_SEED_MAX = 999_999_999  # Wan2GP's range for seed -1
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_GPU_PROFILE = 4.0  # Wan2GP's default for image models: LowRAM_LowVRAM
+# Mistakes a user can fix (bad settings, missing or broken files): reported in one line, no traceback.
+USER_ERRORS = (ValueError, OSError, DownloadError)
+
+
+def requested_dtype(name: str, definition: dict[str, Any]) -> torch.dtype | None:
+    """The dtype to load with: `--dtype`, else one the model definition forces, else None (`auto`: the
+    family's own policy, e.g. fp32 on the CPU, bf16 on a GPU that has it)."""
+    if name != "auto":
+        return DTYPES[name]
+    return DTYPES.get(definition.get("dtype"))
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    ckpts_dir: Path
+    output_dir: Path
+    lora_dir: Path | None = None  # None: the handler's folder under `lora_root`
+    lora_root: Path = Path("loras")
+    dtype: str = "auto"
+    profile: float = -1.0
+    image_format: str = "png"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # 1-based
+    total: int
+    elapsed: float  # seconds since denoising started
+    eta: float | None  # seconds left, from the mean step time so far
+    latent: Tensor | None  # [C, T, h, w] latents after this step (T = images of the batch)
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    path: Path
+    seed: int
+    settings: dict[str, Any]  # the settings that re-make exactly this image (its own seed, batch 1)
+    parameters: str  # the A1111 text stored in the file
+
+
+class _StepReporter:
+    """Wan2GP's `callback(step_idx, latent, force_refresh, ...)` turned into StepInfo reports."""
+
+    def __init__(self, total: int, on_step: Callable[[StepInfo], None] | None):
+        self.total, self.on_step = total, on_step
+        self.start = time.monotonic()
+
+    def __call__(self, step_idx: int = -1, latent: Tensor | None = None, force_refresh: bool = True,
+                 read_state: bool = False, override_num_inference_steps: int = -1, **_: Any) -> None:
+        if override_num_inference_steps > 0:
+            self.total, self.start = override_num_inference_steps, time.monotonic()
+        if step_idx < 0 or self.on_step is None:
+            return  # start-of-loop reset, or a heartbeat from inside the transformer
+        step = step_idx + 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / step * max(self.total - step, 0)
+        self.on_step(StepInfo(step, self.total, elapsed, eta, latent))
+
+
+@dataclass
+class _Loaded:
+    model_type: str
+    model: Any
+    pipe: Any
+    offload: Any  # mmgp's offload object on a GPU, else None
+
+
+class Runtime:
+    """Holds at most one loaded model; `generate` loads (and downloads) what a task needs first."""
+
+    def __init__(self, registry: ModelRegistry, options: RuntimeOptions, *, log: Callable[[str], None] = print):
+        self.registry, self.options, self.log = registry, options, log
+        self._loaded: _Loaded | None = None
+        self._lock = threading.Lock()
+        self._abort_requested = False
+
+    # --------------------------------------------------------------------------------------- models
+
+    def lora_dir(self, model_type: str) -> Path:
+        if self.options.lora_dir is not None:
+            return self.options.lora_dir
+        entry = self.registry.entry(model_type)
+        if hasattr(entry.handler, "get_lora_dir"):
+            return Path(entry.handler.get_lora_dir(entry.base_model_type, self.options, str(self.options.lora_root)))
+        return self.options.lora_root / entry.base_model_type
+
+    def model_files(self, entry: ModelEntry) -> list[Path]:
+        """Local paths of the model's weights (transformer first), downloading what is missing."""
+        return fetch_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir)
+
+    def load(self, model_type: str) -> Any:
+        """The model for `model_type`, loaded once; another model loaded before is released first."""
+        if self._loaded and self._loaded.model_type == model_type:
+            return self._loaded.model
+        self.release()
+        entry = self.registry.entry(model_type)
+        paths = self.model_files(entry)
+        dtype = requested_dtype(self.options.dtype, entry.definition)
+        self.log(f"Loading {entry.name}...")
+        profile = DEFAULT_GPU_PROFILE if self.options.profile == -1 else self.options.profile
+        model, pipe = entry.handler.load_model(
+            [str(p) for p in paths], model_type, entry.base_model_type, entry.definition, dtype=dtype,
+            profile=profile,
+        )
+        # with CUDA, mmgp streams the modules to the GPU; fp32 leftovers become `dtype` (modules that carry
+        # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
+        self._loaded = _Loaded(model_type, model, pipe, offload_pipe(pipe, profile, dtype or torch.bfloat16))
+        return model
+
+    def release(self) -> None:
+        if self._loaded is None:
+            return
+        if self._loaded.offload is not None:
+            self._loaded.offload.release()
+        self._loaded = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------------ generating
+
+    def abort(self) -> None:
+        """Stop the running generation at its next step (safe to call from another thread)."""
+        with self._lock:
+            self._abort_requested = True
+            if self._loaded is not None:
+                self._loaded.model._interrupt = True
+
+    def generate(self, settings: dict[str, Any], *, on_step: Callable[[StepInfo], None] | None = None,
+                 on_status: Callable[[str], None] | None = None) -> list[SavedImage] | None:
+        """Generate and save the images of one validated task; None if it was aborted."""
+        with self._lock:
+            self._abort_requested = False
+        model_type = settings["model_type"]
+        lora_dir = self.lora_dir(model_type)
+        loras = [(find_lora(name, lora_dir), m)
+                 for name, m in zip(settings["activated_loras"], lora_multipliers(settings))]
+        if on_status and not (self._loaded and self._loaded.model_type == model_type):
+            on_status("Loading the model (missing weights are downloaded first: progress in the console)...")
+        model = self.load(model_type)
+        seed = settings["seed"] if settings["seed"] != -1 else random.randint(0, RANDOM_SEED_MAX)
+        with self._lock:
+            if self._abort_requested:
+                return None
+            model._interrupt = False
+        if on_status:
+            on_status("Generating...")
+        try:
+            out = model.generate(**self._generate_kwargs(settings, seed, loras, lora_dir, on_step))
+        finally:
+            if self._loaded.offload is not None:
+                self._loaded.offload.unload_all()  # as wgp does: LoRAs are merged between generations
+        if out is None:  # aborted
+            return None
+        images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W] in [-1, 1]
+        return self._save_all(images, settings, seed, loras)
+
+    def _generate_kwargs(self, settings: dict[str, Any], seed: int, loras: list[tuple[Path, float]],
+                         lora_dir: Path, on_step: Callable[[StepInfo], None] | None) -> dict[str, Any]:
+        """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2)."""
+        width, height = parse_resolution(settings["resolution"])
+        return dict(
+            input_prompt=settings["prompt"], n_prompt=settings["negative_prompt"],
+            sampling_steps=settings["num_inference_steps"], guide_scale=settings["guidance_scale"],
+            shift=settings["flow_shift"], sample_solver=settings["sample_solver"], width=width, height=height,
+            seed=seed, batch_size=settings["batch_size"],
+            callback=_StepReporter(settings["num_inference_steps"], on_step), VAE_tile_size=None, joint_pass=True,
+            loras=[(str(path), strength) for path, strength in loras], lora_dir=str(lora_dir),
+            model_type=self.registry.entry(settings["model_type"]).base_model_type, image_mode=1, frame_num=1,
+        )
+
+    def _save_all(self, images: Tensor, settings: dict[str, Any], seed: int,
+                  loras: list[tuple[Path, float]]) -> list[SavedImage]:
+        entry = self.registry.entry(settings["model_type"])
+        weights_name = Path(str((entry.definition.get("URLs") or [entry.model_type])[0])).stem
+        lora_info = [(p.stem, m, lora_short_hash(p)) for p, m in loras]
+        when = datetime.now()
+        saved = []
+        for i in range(images.shape[1]):
+            # image i of a batch is a single run with seed + i, so that is what its metadata records
+            own = dict(settings, seed=seed + i, batch_size=1)
+            parameters = a1111_parameters(own, model_name=weights_name, loras=lora_info, version=APP_VERSION)
+            path = save_image(tensor_to_pil(images[:, i]), self.options.output_dir,
+                              stem=image_stem(when, seed, settings["prompt"], i), fmt=self.options.image_format,
+                              parameters=parameters, settings=own)
+            saved.append(SavedImage(path, seed + i, own, parameters))
+        return saved
