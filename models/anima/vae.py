@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from shared.attention import pay_attention
 
-from .weights import WeightsError, load_module_strict, open_state_dict, require_kind, strip_prefix
+from .weights import (WeightsError, check_layout, load_module_strict, open_state_dict, require_kind, source_name,
+                      strip_prefix)
 
 WHAT = "Wan 2.1 VAE"
 CHECKPOINT_PREFIXES = ("vae.", "first_stage_model.")
@@ -478,25 +479,6 @@ def _file_layout(model: WanImageVAE) -> dict[str, tuple[int, ...]]:
     return layout
 
 
-def _source_name(source: object) -> str:
-    return str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
-
-
-def _check_file_layout(sd: Mapping[str, Tensor], layout: Mapping[str, tuple[int, ...]], source: object) -> None:
-    missing = sorted(set(layout) - set(sd))
-    unexpected = sorted(set(sd) - set(layout))
-    wrong = [f"{k} {tuple(sd[k].shape)} (expected {layout[k]})"
-             for k in layout if k in sd and tuple(sd[k].shape) != layout[k]]
-    parts = []
-    for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
-                         ("key(s) with the wrong shape", wrong)):
-        if items:
-            more = f" and {len(items) - 5} more" if len(items) > 5 else ""
-            parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-    if parts:
-        raise WeightsError(f"{_source_name(source)} does not have the {WHAT} layout: " + "; ".join(parts) + ".")
-
-
 def _image_weights(sd: Mapping[str, Tensor], model: WanImageVAE, dtype: torch.dtype) -> dict[str, Tensor]:
     """The file's tensors as the image model's parameters (each module's `from_file`), conv kernels
     channels-last in `dtype`. Only the converted values are copied (a 5-D kernel's last tap, not the
@@ -517,11 +499,11 @@ def load_vae(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtyp
     sd = strip_prefix(open_state_dict(source, what=WHAT), CHECKPOINT_PREFIXES)
     require_kind(sd, "wan_vae", what=WHAT, source=source)
     if WAN22_SIGNATURE in sd:
-        raise WeightsError(f"{_source_name(source)} is a Wan 2.2 VAE (48 latent channels); Anima needs the "
+        raise WeightsError(f"{source_name(source)} is a Wan 2.2 VAE (48 latent channels); Anima needs the "
                            f"{WHAT} / Qwen-Image VAE (qwen_image_vae.safetensors).")
     if "decoder.head.0.gamma" not in sd:
-        raise WeightsError(f"{_source_name(source)} has no 'decoder.head.0.gamma', so it is not a complete {WHAT}.")
+        raise WeightsError(f"{source_name(source)} has no 'decoder.head.0.gamma', so it is not a complete {WHAT}.")
     with torch.device("meta"):
         model = WanImageVAE(VAEConfig.from_state_dict(sd))
-    _check_file_layout(sd, _file_layout(model), source)
+    check_layout(sd, _file_layout(model), f"{source_name(source)} does not have the {WHAT} layout")
     return load_module_strict(model, _image_weights(sd, model, dtype), dtype=dtype, device=device, what=WHAT)

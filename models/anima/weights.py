@@ -41,7 +41,8 @@ class WeightsError(ValueError):
     """A problem with a weight file, worded for the user; show the message as is."""
 
 
-def _source_name(source: object) -> str:
+def source_name(source: object) -> str:
+    """How to name a weights source in a message: its path, or "the given state dict"."""
     return str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
 
 
@@ -134,9 +135,9 @@ def require_kind(sd: Mapping[str, Tensor], kind: str, *, what: str, source: obje
     if found == kind:
         return
     if not sd:
-        raise WeightsError(f"{_source_name(source)} holds no tensors, so it is not the {what} checkpoint.")
+        raise WeightsError(f"{source_name(source)} holds no tensors, so it is not the {what} checkpoint.")
     described = _KIND_SIGNATURES[found][1] if found else "not a checkpoint this app recognises"
-    raise WeightsError(f"{_source_name(source)} is {described}, not the {what} checkpoint. "
+    raise WeightsError(f"{source_name(source)} is {described}, not the {what} checkpoint. "
                        f"Check which file you gave for the {what}.")
 
 
@@ -145,13 +146,8 @@ def load_module_strict(module: nn.Module, sd: Mapping[str, Tensor], *, dtype: to
     """Assign `sd` to `module` (built on the meta device) after checking it matches key for key and
     shape for shape. Floating tensors are cast to `dtype`; views of the file are kept when nothing
     needs converting. Returns the module in eval mode without gradients."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong_shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(expected[k].shape)})"
-                    for k in expected if k in sd and sd[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shapes:
-        raise WeightsError(_mismatch_message(what, missing, unexpected, wrong_shapes))
+    check_layout(sd, {k: tuple(t.shape) for k, t in module.state_dict().items()},
+                 f"The {what} weights do not match the model")
     converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
     module.load_state_dict(converted, strict=True, assign=True)
     still_meta = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
@@ -160,11 +156,18 @@ def load_module_strict(module: nn.Module, sd: Mapping[str, Tensor], *, dtype: to
     return module.requires_grad_(False).eval()
 
 
-def _mismatch_message(what: str, missing: list[str], unexpected: list[str], wrong_shapes: list[str]) -> str:
+def check_layout(sd: Mapping[str, Tensor], layout: Mapping[str, tuple[int, ...]], context: str) -> None:
+    """Raise one WeightsError, "<context>: 1 missing key(s): ...; ...", when the keys or shapes of `sd`
+    differ from `layout` (key -> expected shape); the first five of each kind are named."""
+    missing = sorted(set(layout) - set(sd))
+    unexpected = sorted(set(sd) - set(layout))
+    wrong_shapes = [f"{k} {tuple(sd[k].shape)} (expected {tuple(layout[k])})"
+                    for k in layout if k in sd and tuple(sd[k].shape) != tuple(layout[k])]
     parts = []
     for label, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
                          ("key(s) with the wrong shape", wrong_shapes)):
         if items:
             more = f" and {len(items) - 5} more" if len(items) > 5 else ""
             parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-    return f"The {what} weights do not match the model: " + "; ".join(parts) + "."
+    if parts:
+        raise WeightsError(f"{context}: " + "; ".join(parts) + ".")
