@@ -1,0 +1,185 @@
+"""Wan2GP family handler for Anima: what the host asks a model family (wan2gp_contract.md §1.2).
+
+Files: the DiT is the model's `URLs` (defaults/anima_preview.json); `query_model_files` lists the text
+encoder and the VAE, shared by every Anima checkpoint. Upstream Wan2GP downloads those into
+`ckpts/split_files/<folder>/`, this app into `ckpts/` itself; `load_model` looks in both places (and in a
+ComfyUI-style `../text_encoders`, `../vae` beside the DiT's folder). The tokenizers ship in
+`models/anima/tokenizers/`, so nothing else is fetched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .sampling import DEFAULT_SHIFT, SAMPLERS, SAMPLER_ALIASES
+
+FAMILY = "anima"
+REPO_ID = "circlestone-labs/Anima"
+TEXT_ENCODER_FILE = "qwen_3_06b_base.safetensors"
+TEXT_ENCODER_FOLDER = "split_files/text_encoders"
+VAE_FILE = "qwen_image_vae.safetensors"
+VAE_FOLDER = "split_files/vae"
+# The official ComfyUI template's negative prompt (anima_reference.md §4.3).
+DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia"
+SAMPLE_SOLVERS = [
+    ("ER-SDE (default)", "er_sde"),
+    ("Euler", "euler"),
+    ("Euler ancestral", "euler_a"),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde"),
+]
+# About 1 MP, as the model card recommends for the preview.
+RESOLUTIONS = [
+    ["1024x1024 (1:1)", "1024x1024"],
+    ["896x1152 (7:9)", "896x1152"],
+    ["1152x896 (9:7)", "1152x896"],
+    ["832x1216 (2:3)", "832x1216"],
+    ["1216x832 (3:2)", "1216x832"],
+    ["768x1344 (4:7)", "768x1344"],
+    ["1344x768 (7:4)", "1344x768"],
+]
+SIZE_MULTIPLE = 16
+# Wan 2.1 latent -> RGB preview factors, one [r, g, b] row per latent channel (anima_reference.md §6.3).
+RGB_FACTORS = [
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+]
+RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+
+
+def find_component(model_files: list[str], file_name: str, hub_folder: str) -> str:
+    """Path of a component file: given among `model_files`, else beside the DiT (`model_files[0]`), in its
+    `split_files/...` subfolder (upstream Wan2GP's download layout), or in a ComfyUI-style sibling folder.
+    Raises ValueError saying where it looked and where to get the file."""
+    for given in model_files:
+        if Path(given).name == file_name:
+            return given
+    folder = Path(model_files[0]).parent
+    candidates = [folder / file_name, folder / hub_folder / file_name,
+                  folder.parent / Path(hub_folder).name / file_name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise ValueError(f"Anima needs '{file_name}', which is not in {', '.join(str(c.parent) for c in candidates)}. "
+                     f"Download it from https://huggingface.co/{REPO_ID}/blob/main/{hub_folder}/{file_name} "
+                     f"into {folder}.")
+
+
+class family_handler:  # noqa: N801 (the name Wan2GP looks up)
+    @staticmethod
+    def query_supported_types() -> list[str]:
+        return [FAMILY]
+
+    @staticmethod
+    def query_family_maps() -> tuple[dict, dict]:
+        return {}, {}
+
+    @staticmethod
+    def query_model_family() -> str:
+        return FAMILY
+
+    @staticmethod
+    def query_family_infos() -> dict[str, tuple[int, str]]:
+        return {FAMILY: (1150, "Anima")}
+
+    @staticmethod
+    def query_model_def(base_model_type: str, model_def: dict) -> dict:
+        return {
+            "image_outputs": True,
+            "guidance_max_phases": 1,
+            "flow_shift": True,
+            "sample_solvers": list(SAMPLE_SOLVERS),
+            "resolutions": [list(r) for r in RESOLUTIONS],
+            "vae_block_size": SIZE_MULTIPLE,
+            "image_batch_size_max": 16,
+            "inference_steps": True,
+            "profile_type": "image",
+        }
+
+    @staticmethod
+    def register_lora_cli_args(parser, lora_root: str) -> None:
+        # Not `--lora-dir`: upstream Wan2GP already has that flag (for Wan), and so does this app.
+        parser.add_argument("--lora-dir-anima", type=str, default=None,
+                            help=f"Path to a directory that contains Anima LoRAs (default: {lora_root}/anima)")
+
+    @staticmethod
+    def get_lora_dir(base_model_type: str, args, lora_root: str) -> str:
+        # getattr: a plugin family's flag is never registered upstream (plugins load after argument parsing)
+        return getattr(args, "lora_dir_anima", None) or os.path.join(lora_root, FAMILY)
+
+    @staticmethod
+    def query_model_files(computeList, base_model_type: str, model_def: dict | None = None) -> list[dict]:
+        return [{
+            "repoId": REPO_ID,
+            "sourceFolderList": [TEXT_ENCODER_FOLDER, VAE_FOLDER],
+            "fileList": [[TEXT_ENCODER_FILE], [VAE_FILE]],
+        }]
+
+    @staticmethod
+    def load_model(model_filename, model_type=None, base_model_type=None, model_def=None,
+                   quantizeTransformer=False, text_encoder_quantization=None, dtype=None,  # noqa: N803 (Wan2GP)
+                   VAE_dtype=None, mixed_precision_transformer=False, save_quantized=False,  # noqa: N803
+                   submodel_no_list=None, text_encoder_filename=None, **kwargs):
+        """(model_factory, {"transformer", "text_encoder", "vae"}). `model_filename` is the DiT file or a
+        list starting with it (it may also hold the other two); dtype / VAE_dtype None: the dtype policy."""
+        from .anima_main import model_factory  # torch + transformers: only when a model is loaded
+
+        files = [str(f) for f in (model_filename if isinstance(model_filename, (list, tuple)) else [model_filename])]
+        if text_encoder_filename:
+            files.append(str(text_encoder_filename))
+        model = model_factory(
+            files[0],
+            find_component(files, TEXT_ENCODER_FILE, TEXT_ENCODER_FOLDER),
+            find_component(files, VAE_FILE, VAE_FOLDER),
+            dtype=dtype, vae_dtype=VAE_dtype, low_memory=bool(kwargs.get("low_memory", False)),
+        )
+        return model, {"transformer": model.transformer, "text_encoder": model.text_encoder, "vae": model.vae}
+
+    @staticmethod
+    def update_default_settings(base_model_type: str, model_def: dict, ui_defaults: dict) -> None:
+        ui_defaults.update({
+            "image_mode": 1,
+            "resolution": "1024x1024",
+            "batch_size": 1,
+            "num_inference_steps": 30,
+            "guidance_scale": 4.0,
+            "flow_shift": DEFAULT_SHIFT,
+            "sample_solver": "er_sde",
+            "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+        })
+
+    @staticmethod
+    def fix_settings(base_model_type: str, settings_version: float, model_def: dict, ui_defaults: dict) -> None:
+        """Image mode always; a sampler written in ComfyUI's spelling or unknown to Anima (e.g. from
+        another model's settings) becomes the listed name or the default."""
+        ui_defaults["image_mode"] = 1
+        solver = ui_defaults.get("sample_solver")
+        names = {value for _, value in SAMPLE_SOLVERS}
+        if solver == "euler_ancestral":
+            ui_defaults["sample_solver"] = "euler_a"
+        elif solver not in names:
+            ui_defaults["sample_solver"] = "er_sde"
+
+    @staticmethod
+    def validate_generative_settings(model_type: str, model_def: dict, inputs: dict) -> str | None:
+        """A message for the user, or None when the settings can run."""
+        width, _, height = str(inputs.get("resolution", "")).partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            return f"Resolution '{inputs.get('resolution')}' must look like 1024x1024."
+        if int(width) % SIZE_MULTIPLE or int(height) % SIZE_MULTIPLE:
+            return (f"Anima needs a width and height that are multiples of {SIZE_MULTIPLE}; "
+                    f"{width}x{height} is not (try {int(width) // 16 * 16}x{int(height) // 16 * 16}).")
+        solver = inputs.get("sample_solver") or "er_sde"
+        if SAMPLER_ALIASES.get(solver, solver) not in SAMPLERS:
+            return f"Anima has no sampler '{solver}'; choose one of: {', '.join(v for _, v in SAMPLE_SOLVERS)}."
+        if float(inputs.get("flow_shift", DEFAULT_SHIFT)) <= 0:
+            return "Shift must be above 0 (Anima's default is 3)."
+        if int(inputs.get("num_inference_steps", 1)) < 1:
+            return "Anima needs at least 1 sampling step."
+        return None
+
+    @staticmethod
+    def get_rgb_factors(base_model_type: str) -> tuple[list[list[float]], list[float]]:
+        return [list(row) for row in RGB_FACTORS], list(RGB_BIAS)

@@ -1,0 +1,289 @@
+"""Anima text-to-image generation in Wan2GP's shape: `model_factory` loads the DiT, the text encoder and the
+VAE, and its `generate(**kwargs)` is the one generation loop that the UI and the command line both call.
+
+One image, as in ComfyUI (anima_reference.md §1, §5):
+    prompt -> Qwen3 hidden states (+ T5 ids) -> LLM adapter -> context [1, >=512, D]
+    noise [16, 1, H/8, W/8] from a CPU generator seeded `seed + i` for image i
+    `simple` sigmas (shift) -> sampler; each step x0 = x - sigma * DiT(x, sigma, context), CFG on x0
+    normalised latents -> VAE -> image [3, H, W] in [-1, 1]
+
+Devices: the models are loaded on the CPU. Without CUDA everything runs there; with CUDA the host hands
+the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, and `generate`
+puts its tensors on the execution device (`model_factory.device`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import sampling
+from .anima_model import load_anima_model
+from .lora import LoraPatcher, extract_lora_tags, resolve_lora_path
+from .text_encoder import PromptCache, load_text_encoder
+from .vae import load_vae
+
+LATENT_CHANNELS = 16
+VAE_SCALE = 8
+SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 DiT patches
+DEFAULT_SAMPLER = "er_sde"
+MAX_RANDOM_SEED = 999_999_999  # Wan2GP's range for seed -1
+
+LoraRequest = Sequence[tuple[str | os.PathLike, float]]
+
+
+@dataclass(frozen=True)
+class ModelDtypes:
+    transformer: torch.dtype
+    vae: torch.dtype
+    text_encoder: torch.dtype
+
+
+def default_device() -> torch.device:
+    """Where `generate` computes: the CUDA accelerator when there is one (mmgp streams the weights to it),
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def choose_dtypes(device: torch.device, transformer: torch.dtype | None = None, vae: torch.dtype | None = None,
+                  text_encoder: torch.dtype | None = None) -> ModelDtypes:
+    """The dtype policy; an explicit dtype overrides its default.
+
+    CPU: float32 everywhere, as ComfyUI computes there (the same files, seed and settings give its results).
+    GPU with bf16: bf16 DiT and VAE. GPU without bf16: fp16 DiT (it keeps its residual stream in fp32) and
+    fp32 VAE (the Qwen-Image VAE overflows in fp16). The text encoder always computes in fp32, as in ComfyUI.
+    """
+    if device.type == "cpu":
+        default = ModelDtypes(torch.float32, torch.float32, torch.float32)
+    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+        default = ModelDtypes(torch.bfloat16, torch.bfloat16, torch.float32)
+    else:
+        default = ModelDtypes(torch.float16, torch.float32, torch.float32)
+    return ModelDtypes(transformer or default.transformer, vae or default.vae, text_encoder or default.text_encoder)
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Width and height must be positive multiples of 16 (8x VAE, 2x2 patches); anything else is refused
+    with the nearest valid size rather than silently resized."""
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE or width <= 0 or height <= 0:
+        fix_w = max(SIZE_MULTIPLE, round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        fix_h = max(SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+        raise ValueError(f"Image size {width}x{height} is not supported: width and height must be multiples of "
+                         f"{SIZE_MULTIPLE}, e.g. {fix_w}x{fix_h}.")
+
+
+def vae_tile_pixels(vae_tile_size: int | Sequence | None) -> int | None:
+    """Wan2GP's `VAE_tile_size` as the VAE's `tile_size` in pixels: an int (0: automatic), or a
+    (use_tiling, size) pair; None lets the VAE choose from free memory."""
+    if isinstance(vae_tile_size, Sequence):
+        use_tiling, size = (list(vae_tile_size) + [0])[:2]
+        return int(size) if use_tiling and size else None
+    return int(vae_tile_size) if vae_tile_size else None
+
+
+def _exact(tensor: Tensor) -> Tensor:
+    """`tensor` as float64 for a call that mmgp may hook: its hooks cast float32 arguments to the module's
+    dtype (bf16 would round sigma to 3 digits, where ComfyUI keeps the timestep in fp32), while float64
+    passes through and the DiT and the VAE take it back to float32 themselves, exactly."""
+    return tensor.double()
+
+
+class _Interrupted(Exception):
+    """Raised inside the sampling loop when `_interrupt` is set; `generate` returns None."""
+
+
+class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
+    """Anima's DiT (with its LLM adapter), Qwen3 text encoder and Wan 2.1 VAE, and `generate`.
+
+    Args:
+        transformer_filename: the DiT checkpoint (`anima-preview.safetensors` or any Anima DiT).
+        text_encoder_filename: `qwen_3_06b_base.safetensors`.
+        vae_filename: `qwen_image_vae.safetensors`.
+        dtype, vae_dtype, text_encoder_dtype: override the policy of `choose_dtypes` (None: the policy).
+        device: execution device (None: `default_device()`).
+        low_memory: on the CPU, free the text encoder after encoding (reloaded when a new prompt or a LoRA
+            needs it). On CUDA, mmgp already evicts it from the GPU.
+
+    Attributes: `transformer`, `text_encoder` (None while freed), `vae`, `device`, `dtypes`, and
+    `_interrupt`: set it to True to stop a running `generate` (the caller resets it before each run, as wgp
+    does).
+    """
+
+    def __init__(self, transformer_filename: str | os.PathLike, text_encoder_filename: str | os.PathLike,
+                 vae_filename: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, low_memory: bool = False):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtypes = choose_dtypes(self.device, dtype, vae_dtype, text_encoder_dtype)
+        self.text_encoder_filename = text_encoder_filename
+        self.low_memory = low_memory
+        self.transformer = load_anima_model(transformer_filename, dtype=self.dtypes.transformer)
+        self.text_encoder = self._load_text_encoder()
+        self.vae = load_vae(vae_filename, dtype=self.dtypes.vae)
+        # For mmgp: keep each module's dtype (instead of converting fp32 weights to bf16), and load the VAE
+        # before `decode` / `encode` run, not only before its submodules' forwards.
+        self.transformer._model_dtype = self.dtypes.transformer
+        self.vae._model_dtype = self.dtypes.vae
+        self.vae._offload_hooks = ["decode", "encode"]
+        self._interrupt = False
+        self._prompt_cache = PromptCache()
+        self._lora_patcher = None
+
+    def _load_text_encoder(self):
+        text_encoder = load_text_encoder(self.text_encoder_filename, dtype=self.dtypes.text_encoder)
+        text_encoder._model_dtype = self.dtypes.text_encoder
+        return text_encoder
+
+    @torch.no_grad()
+    def generate(self, input_prompt: str = "", n_prompt: str | None = None, sampling_steps: int = 30,
+                 guide_scale: float = 4.0, shift: float = sampling.DEFAULT_SHIFT,
+                 sample_solver: str = DEFAULT_SAMPLER, width: int = 1024, height: int = 1024,
+                 seed: int | None = None, batch_size: int = 1, callback: Callable | None = None,
+                 VAE_tile_size: int | Sequence | None = None, joint_pass: bool = True,  # noqa: N803 (Wan2GP)
+                 loras: LoraRequest | None = None, lora_dir: str | os.PathLike | None = None,
+                 offloadobj=None, **kwargs) -> dict[str, Tensor | int] | None:
+        """Generate `batch_size` images; Wan2GP's keyword arguments (others are accepted and ignored).
+
+        input_prompt / n_prompt: positive and negative prompt (ComfyUI weight syntax; `<lora:name:0.8>`
+            tags in the positive prompt activate LoRAs from `lora_dir`). The negative is unused at CFG 1.
+        sampling_steps, shift: the `simple` schedule; guide_scale: CFG on x0 (1 skips the negative pass).
+        sample_solver: er_sde, euler, euler_ancestral (euler_a) or dpmpp_2m_sde.
+        width, height: pixels, multiples of 16 (anything else raises ValueError).
+        seed: image i uses seed + i for its start noise and seed + i + 1 for per-step noise (None or
+            negative: random). batch_size: number of images.
+        callback: Wan2GP's progress callback: `callback(-1, None, True, override_num_inference_steps=N)`
+            once, then `callback(i, x0, False)` after step i with the denoised latents [16, B, h, w].
+        VAE_tile_size: decode tile edge in pixels (0 / None: chosen from free memory).
+        joint_pass: run the positive and negative passes as one batch (faster, more memory).
+        loras: [(file, strength)] to make active (with the prompt's tags); None and no tags leave the
+            current LoRAs as they are. offloadobj: mmgp's offload object (wgp passes it); it unloads the
+            models before LoRA weights change.
+
+        Returns {"x": images [3, B, H, W] float32 in [-1, 1] on the CPU, "seed": the first seed}, or None
+        when `_interrupt` was set.
+        """
+        check_image_size(width, height)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (got {batch_size}).")
+        solver = sampling.canonical_sampler(sample_solver or DEFAULT_SAMPLER)
+        sigmas = sampling.simple_schedule(sampling_steps, shift).to(self.device)
+        if seed is None or seed < 0:
+            seed = secrets.randbelow(MAX_RANDOM_SEED + 1)
+        seeds = [seed + i for i in range(batch_size)]
+        try:
+            prompt = self._activate_loras(input_prompt, loras, lora_dir, offloadobj)
+            cond = self._context(prompt)
+            uncond = None if math.isclose(guide_scale, 1.0) else self._context(n_prompt or "")
+            self._release_text_encoder()
+            denoise = self._denoiser(cond, uncond, guide_scale, joint_pass)
+            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback)
+        except _Interrupted:
+            return None
+        images = self.vae.decode(_exact(latents), tile_size=vae_tile_pixels(VAE_tile_size))  # [B, 3, H, W]
+        return {"x": images.float().transpose(0, 1).cpu(), "seed": seed}
+
+    def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
+                height: int, shift: float, callback: Callable | None) -> Tensor:
+        """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
+        per-step noise from generators seeded `seeds + 1` (ComfyUI's CPU convention), Wan2GP callbacks."""
+        shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
+        x = sampling.seeded_randn(seeds, shape).to(self.device)  # at sigma 1, x is the noise itself
+        noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
+        on_step = None
+        if callback is not None:
+            callback(-1, None, True, override_num_inference_steps=len(sigmas) - 1)
+
+            def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
+                callback(i, x0[:, :, 0].transpose(0, 1), False)  # [16, B, h, w]: images on the frame axis
+
+        latents = sampling.sample(solver, denoise, x, sigmas, noise=noise, callback=on_step, shift=shift)
+        self._check_interrupt()
+        return latents
+
+    def _check_interrupt(self) -> None:
+        if self._interrupt:
+            raise _Interrupted
+
+    def _denoiser(self, cond: Tensor, uncond: Tensor | None, guide_scale: float,
+                  joint_pass: bool) -> sampling.Denoiser:
+        """denoise(x, sigma) -> guided x0 for a batch x [B, 16, 1, h, w], with ComfyUI's arithmetic:
+        x0 = x - v * sigma per pass, then x0_u + (x0_c - x0_u) * scale."""
+        def dit(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            return self.transformer(x, t, context).float()  # v in fp32, as ComfyUI takes the model output
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            self._check_interrupt()
+            batch = x.shape[0]
+            t = _exact(sigma.expand(batch))  # [B] sigma: the DiT's timestep
+            c = cond.expand(batch, -1, -1)
+            if uncond is None:
+                return x - dit(x, t, c) * sigma
+            u = uncond.expand(batch, -1, -1)
+            if joint_pass and c.shape == u.shape:
+                # uncond first, as ComfyUI batches them
+                v_u, v_c = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
+            else:  # contexts longer than 512 tokens cannot be zero-padded to match: padding changes attention
+                v_c, v_u = dit(x, t, c), dit(x, t, u)
+            x0_c, x0_u = x - v_c * sigma, x - v_u * sigma
+            return x0_u + (x0_c - x0_u) * guide_scale
+
+        return denoise
+
+    # ------------------------------------------------------------------------------------------- text
+
+    def _context(self, prompt: str) -> Tensor:
+        """DiT context [1, max(512, Lt), D] in the DiT dtype, on the execution device."""
+        patcher = self._lora_patcher
+        te_loras = tuple(patcher.active_text_encoder) if patcher is not None else ()
+        encoded = self._prompt_cache.encode(prompt, self._text_encoder_for_encoding,
+                                            extra_key=(self.dtypes.text_encoder, te_loras), device=self.device)
+        self._check_interrupt()
+        ids, weights = encoded.tokens.t5_tensors(self.device)
+        hidden = encoded.qwen_hidden.to(self.device, self.dtypes.transformer)
+        return self.transformer.preprocess_text_embeds(hidden, ids, weights)
+
+    def _text_encoder_for_encoding(self):
+        if self.text_encoder is None:
+            self.text_encoder = self._load_text_encoder()
+            self._lora_patcher = None  # it held no LoRA (see _release_text_encoder); rebuilt with the new encoder
+        return self.text_encoder
+
+    def _release_text_encoder(self) -> None:
+        """Low-memory mode on the CPU: drop the text encoder once the prompts are encoded. Only while no
+        LoRA is merged, so that LoRAs are always merged with the encoder present."""
+        if not self.low_memory or self.device.type != "cpu" or self.text_encoder is None:
+            return
+        if self._lora_patcher is not None and self._lora_patcher.active:
+            return
+        self.text_encoder = self._lora_patcher = None
+
+    # ------------------------------------------------------------------------------------------- LoRAs
+
+    def _activate_loras(self, prompt: str, loras: LoraRequest | None, lora_dir: str | os.PathLike | None,
+                        offloadobj=None) -> str:
+        """Merges the `loras` kwarg plus the prompt's `<lora:...>` tags (before any text is encoded) and
+        returns the prompt without its tags. With loras None and no tags the LoRA state is left alone."""
+        prompt, tags = extract_lora_tags(prompt)
+        if loras is None and not tags:
+            return prompt
+        wanted = [(str(path), float(strength)) for path, strength in (loras or [])]
+        wanted += [(str(resolve_lora_path(name, lora_dir)), strength) for name, strength in tags]
+        if wanted and self.text_encoder is None:
+            self._text_encoder_for_encoding()
+        if self._lora_patcher is None:
+            if not wanted:
+                return prompt
+            self._lora_patcher = LoraPatcher(self.transformer, self.text_encoder)
+        if offloadobj is not None and wanted != self._lora_patcher.active:
+            offloadobj.unload_all()  # mmgp's GPU copies would hide weights patched in RAM
+        for warning in self._lora_patcher.set_loras(wanted):
+            print(f"LoRA warning: {warning}")
+        return prompt
