@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 
 from models.anima import lora as lora_module
 from models.anima.anima_model import load_anima_model
-from models.anima.lora import (LoraPatcher, diffusers_module_name, extract_lora_tags, resolve_lora_path,
-                               to_mmgp_lora_state_dict)
+from models.anima.lora import LoraPatcher, diffusers_module_name, extract_lora_tags, resolve_lora_path
 from models.anima.text_encoder import load_text_encoder
 from tests.reference import cosmos_transformer_class
 from tests.tiny_dit import make_dit_state_dict, write_dit_file
@@ -473,7 +472,8 @@ def test_mmgp_conversion_is_read_by_mmgp_as_the_same_change(base_sd, tmp_path):
     lora |= {k: v for k, v in full_diff(base_sd)[0].items() if "out_proj" in k}
     path = write(tmp_path, "mixed", lora)
 
-    offload.load_loras_into_model(model, [path], preprocess_sd=lambda sd: to_mmgp_lora_state_dict(sd, model))
+    # upstream Wan2GP's route: its LoRA preprocessor is the transformer's own `preprocess_loras`
+    offload.load_loras_into_model(model, [path], preprocess_sd=lambda sd: model.preprocess_loras("anima", sd))
 
     assert model._loras_errors == []
     patched = fresh_dit(base_sd, dtype=torch.float32)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from shared.attention import pay_attention
 
+from .lora import to_mmgp_lora_state_dict
 from .weights import WeightsError, load_module_strict, open_state_dict, require_kind, strip_prefix
 
 CHECKPOINT_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
@@ -481,6 +482,11 @@ class AnimaModel(MiniTrainDIT):
         if t5_weights is not None:
             out = out * t5_weights.to(out.device, out.dtype)[..., None]
         return F.pad(out, (0, 0, 0, max(0, MIN_CONTEXT_TOKENS - out.shape[1])))
+
+    def preprocess_loras(self, model_type: str, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Upstream Wan2GP loads LoRAs into the DiT through mmgp and calls this first: it rewrites any Anima
+        LoRA format into the keys mmgp reads for this model's module names."""
+        return to_mmgp_lora_state_dict(sd, self)
 
 
 def load_anima_model(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype = torch.bfloat16,
