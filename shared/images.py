@@ -48,9 +48,12 @@ _A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|
 
 
 def tensor_to_pil(image: Tensor) -> Image.Image:
-    """`image` [3, H, W] float in [-1, 1] (or uint8 in [0, 255]) -> RGB PIL image."""
+    """`image` [3, H, W] float in [-1, 1] (or uint8 in [0, 255]) -> RGB PIL image.
+
+    Converted as ComfyUI saves images (to [0, 1], then 255 * x truncated), so the same latents give
+    exactly its pixels."""
     if image.dtype != torch.uint8:
-        image = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        image = (((image.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
 
 

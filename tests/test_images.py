@@ -27,11 +27,12 @@ def _params(settings=SETTINGS):
     return a1111_parameters(settings, model_name="anima-preview", loras=[("detail", 0.8, "0123456789ab")])
 
 
-def test_tensor_to_pil_maps_minus_one_to_one_onto_0_to_255():
-    x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 4).expand(3, 2, 4)  # [3, H=2, W=4]
+def test_tensor_to_pil_maps_minus_one_to_one_onto_0_to_255_as_comfyui_saves():
+    x = torch.tensor([-1.0, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 5).expand(3, 2, 5)  # [3, H=2, W=5]
     im = tensor_to_pil(x)
-    assert im.size == (4, 2) and im.mode == "RGB"
-    assert [im.getpixel((i, 0))[0] for i in range(4)] == [0, 128, 255, 255]
+    assert im.size == (5, 2) and im.mode == "RGB"
+    # ComfyUI: clamp((x + 1) / 2, 0, 1) * 255, truncated by astype(uint8): 0.5 -> 127, 0.9995 -> 254
+    assert [im.getpixel((i, 0))[0] for i in range(5)] == [0, 127, 254, 255, 255]
 
 
 def test_file_name_follows_wan2gp_pattern_with_index_suffix():
