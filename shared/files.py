@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def download_hub_file(hub_file: HubFile, ckpts_dir: str | os.PathLike) -> Path:
     if target.is_file():
         return target
     staging = ckpts_dir / STAGING_FOLDER
-    print(f"Downloading {hub_file.name} from {hub_file.repo_id} into {ckpts_dir} ...")
+    print(f"Downloading {hub_file.name} from {hub_file.repo_id} into {ckpts_dir} ...", file=sys.stderr)
     try:
         downloaded = hf_hub_download(hub_file.repo_id, hub_file.path, revision=hub_file.revision, local_dir=staging)
     except LocalEntryNotFoundError:
