@@ -122,6 +122,9 @@ def test_adapter_matches_diffusers_times_weights_zero_padded(model_fp32, referen
     assert relative_error(ours[:, :t5_len], ref) <= FP32_TOLERANCE
     # the DiT attends to the padding without a mask, so it must be exactly zero
     assert torch.equal(ours[:, t5_len:], torch.zeros_like(ours[:, t5_len:]))
+    # ComfyUI passes the weights as [B, Lt, 1]: the same context
+    with torch.no_grad():
+        assert torch.equal(model_fp32.preprocess_text_embeds(qwen_hidden, t5_ids, t5_weights[..., None]), ours)
 
 
 def test_adapter_without_weights_matches_diffusers_padding(model_fp32, reference_adapter):

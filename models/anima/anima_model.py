@@ -475,12 +475,13 @@ class AnimaModel(MiniTrainDIT):
         """DiT context from one prompt's encodings.
 
         qwen_hidden [B, Lq, Dsrc] Qwen3 final hidden states; t5_ids [B, Lt] int64 T5 ids; t5_weights
-        [B, Lt] per-token prompt weights or None. Returns [B, max(512, Lt), D] in the model dtype: the
-        adapter output times the weights, zero-padded at the end to 512 tokens, never truncated.
+        [B, Lt] (or ComfyUI's [B, Lt, 1]) per-token prompt weights or None. Returns [B, max(512, Lt), D] in
+        the model dtype: the adapter output times the weights, zero-padded at the end to 512 tokens, never
+        truncated.
         """
         out = self.llm_adapter(qwen_hidden.to(self.compute_dtype), t5_ids.to(qwen_hidden.device))  # [B, Lt, D]
         if t5_weights is not None:
-            out = out * t5_weights.to(out.device, out.dtype)[..., None]
+            out = out * t5_weights.to(out.device, out.dtype).reshape(*out.shape[:2], 1)
         return F.pad(out, (0, 0, 0, max(0, MIN_CONTEXT_TOKENS - out.shape[1])))
 
     def preprocess_loras(self, model_type: str, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
