@@ -104,6 +104,12 @@ def test_odd_latent_sizes_equal_circular_pad_run_crop(model_fp32, reference_dit,
     assert relative_error(ours, ref) <= FP32_TOLERANCE
 
 
+def test_a_four_dimensional_image_latent_is_one_frame(model_fp32):
+    x, t, context = dit_inputs((2, 16, 1, 6, 10), [0.6, 0.3])
+    with torch.no_grad():
+        assert torch.equal(model_fp32(x[:, :, 0], t, context), model_fp32(x, t, context)[:, :, 0])
+
+
 def adapter_inputs(batch, qwen_len, t5_len, seed=2):
     g = torch.Generator().manual_seed(seed)
     qwen_hidden = torch.randn(batch, qwen_len, TEXT_DIM, generator=g)

@@ -377,8 +377,11 @@ class MiniTrainDIT(nn.Module):
 
         x [B, C, T, H, W] latents (any T, H, W >= 1); timesteps [B] sigma in [0, 1] (1 = pure noise);
         context [B, N, Dctx] (N >= 512, from `preprocess_text_embeds`). Returns v [B, C, T, H, W] in
-        x's dtype. Computes in the weights' dtype; with fp16 weights the residual stream stays fp32.
+        x's dtype (an image given as [B, C, H, W] gets [B, C, H, W] back). Computes in the weights'
+        dtype; with fp16 weights the residual stream stays fp32.
         """
+        if x.dim() == 4:
+            return self.forward(x[:, :, None], timesteps, context)[:, :, 0]
         cfg, dtype = self.config, self.compute_dtype
         out_dtype, (_, _, t, h, w) = x.dtype, x.shape
         x = self._pad_to_patches(x.to(dtype))
