@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from shared.attention import pay_attention
 
 from .lora import to_mmgp_lora_state_dict
-from .weights import WeightsError, load_module_strict, open_state_dict, require_kind, strip_prefix
+from .weights import (WeightsError, load_module_strict, open_state_dict, require_kind, required_shape,
+                      strip_prefix)
 
 CHECKPOINT_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
 NORM_EPS = 1e-6
@@ -38,11 +39,8 @@ MIN_CONTEXT_TOKENS = 512  # the T5 interface the DiT was trained with: context i
 RopeTable = tuple[Tensor, Tensor]  # (cos, sin), each [L, 1, head_dim // 2]
 
 
-def _shape(sd: Mapping[str, Tensor], key: str) -> torch.Size:
-    if key not in sd:
-        raise WeightsError(f"The Anima DiT weights lack '{key}', which is needed to tell the model's size; "
-                           "the file is incomplete or not an Anima DiT.")
-    return sd[key].shape
+def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    return required_shape(sd, key, what="Anima DiT")
 
 
 def _count_blocks(sd: Mapping[str, Tensor], prefix: str) -> int:

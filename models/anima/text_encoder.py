@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer, Qwen3Config, Q
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
 from .prompt import parse_prompt_weights
-from .weights import WeightsError, load_module_strict, open_state_dict, require_kind, strip_prefix
+from .weights import load_module_strict, open_state_dict, require_kind, required_shape, strip_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,7 @@ class TextEncoderConfig:
 
 
 def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
-    if key not in sd:
-        raise WeightsError(f"The {WHAT} weights lack '{key}', so they are not a complete Qwen3 model.")
-    return tuple(sd[key].shape)
+    return required_shape(sd, key, what=WHAT)
 
 
 def load_text_encoder(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype = torch.float32,

@@ -117,6 +117,14 @@ def strip_prefix(sd: Mapping[str, Tensor], prefixes: Sequence[str]) -> dict[str,
     return dict(sd)
 
 
+def required_shape(sd: Mapping[str, Tensor], key: str, *, what: str) -> tuple[int, ...]:
+    """Shape of `sd[key]`, a tensor a loader reads the architecture from; a WeightsError when it is absent."""
+    if key not in sd:
+        raise WeightsError(f"The {what} weights lack '{key}', which is needed to tell the model's size; "
+                           f"the file is incomplete or not a {what}.")
+    return tuple(sd[key].shape)
+
+
 def checkpoint_kind(keys: Iterable[str]) -> str | None:
     """What a state dict holds, from signature keys under any prefix: one of the keys of
     `_KIND_SIGNATURES` ("anima_dit", "wan_vae", "qwen3_text_encoder", ...) or None."""
