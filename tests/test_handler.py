@@ -35,7 +35,10 @@ def test_model_def_for_an_image_model():
     assert model_def["flow_shift"] is True and model_def["vae_block_size"] == 16
     for _, solver in model_def["sample_solvers"]:
         sampling.canonical_sampler(solver)  # every offered sampler runs
-    assert {v for _, v in model_def["sample_solvers"]} == {"er_sde", "euler", "euler_a", "dpmpp_2m_sde"}
+    assert [v for _, v in model_def["sample_solvers"]] == list(sampling.SAMPLERS)  # the one registry
+    assert model_def["sample_solvers"][0] == ("ER-SDE (default)", "er_sde")
+    assert {"euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "res_multistep",
+            "uni_pc", "lcm"} <= set(sampling.SAMPLERS)
     presets = [value for _, value in model_def["resolutions"]]
     assert {"1024x1024", "896x1152", "1152x896", "832x1216", "1216x832"} <= set(presets)
     for preset in presets:
@@ -54,8 +57,8 @@ def test_default_settings_on_an_empty_dict():
     }
 
 
-@pytest.mark.parametrize("given,fixed", [("euler_ancestral", "euler_a"), ("unipc", "er_sde"), (None, "er_sde"),
-                                         ("dpmpp_2m_sde", "dpmpp_2m_sde")])
+@pytest.mark.parametrize("given,fixed", [("euler_a", "euler_ancestral"), ("unipc", "er_sde"), (None, "er_sde"),
+                                         ("dpmpp_2m_sde", "dpmpp_2m_sde"), ("uni_pc", "uni_pc")])
 def test_fix_settings_maps_samplers(given, fixed):
     settings = {"sample_solver": given}
     handler.fix_settings("anima", 2.74, {}, settings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .sampling import DEFAULT_SHIFT, SAMPLERS, SAMPLER_ALIASES
+from .sampling import DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS
 
 FAMILY = "anima"
 REPO_ID = "circlestone-labs/Anima"
@@ -22,12 +22,8 @@ VAE_FILE = "qwen_image_vae.safetensors"
 VAE_FOLDER = "split_files/vae"
 # The official ComfyUI template's negative prompt (anima_reference.md §4.3).
 DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia"
-SAMPLE_SOLVERS = [
-    ("ER-SDE (default)", "er_sde"),
-    ("Euler", "euler"),
-    ("Euler ancestral", "euler_a"),
-    ("DPM++ 2M SDE", "dpmpp_2m_sde"),
-]
+SAMPLE_SOLVERS = [(s.label, s.name) for s in SAMPLERS.values()]
+DEFAULT_SOLVER = "er_sde"
 # About 1 MP, as the model card recommends for the preview.
 RESOLUTIONS = [
     ["1024x1024 (1:1)", "1024x1024"],
@@ -146,21 +142,18 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "num_inference_steps": 30,
             "guidance_scale": 4.0,
             "flow_shift": DEFAULT_SHIFT,
-            "sample_solver": "er_sde",
+            "sample_solver": DEFAULT_SOLVER,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
         })
 
     @staticmethod
     def fix_settings(base_model_type: str, settings_version: float, model_def: dict, ui_defaults: dict) -> None:
-        """Image mode always; a sampler written in ComfyUI's spelling or unknown to Anima (e.g. from
-        another model's settings) becomes the listed name or the default."""
+        """Image mode always; a sampler under an alias ("euler_a") becomes its listed name, one unknown to
+        Anima (e.g. from another model's settings) the default."""
         ui_defaults["image_mode"] = 1
         solver = ui_defaults.get("sample_solver")
-        names = {value for _, value in SAMPLE_SOLVERS}
-        if solver == "euler_ancestral":
-            ui_defaults["sample_solver"] = "euler_a"
-        elif solver not in names:
-            ui_defaults["sample_solver"] = "er_sde"
+        solver = SAMPLER_ALIASES.get(solver, solver)
+        ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SOLVER
 
     @staticmethod
     def validate_generative_settings(model_type: str, model_def: dict, inputs: dict) -> str | None:
@@ -171,7 +164,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         if int(width) % SIZE_MULTIPLE or int(height) % SIZE_MULTIPLE:
             return (f"Anima needs a width and height that are multiples of {SIZE_MULTIPLE}; "
                     f"{width}x{height} is not (try {int(width) // 16 * 16}x{int(height) // 16 * 16}).")
-        solver = inputs.get("sample_solver") or "er_sde"
+        solver = inputs.get("sample_solver") or DEFAULT_SOLVER
         if SAMPLER_ALIASES.get(solver, solver) not in SAMPLERS:
             return f"Anima has no sampler '{solver}'; choose one of: {', '.join(v for _, v in SAMPLE_SOLVERS)}."
         if float(inputs.get("flow_shift", DEFAULT_SHIFT)) <= 0:

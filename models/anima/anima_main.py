@@ -4,7 +4,7 @@ VAE, and its `generate(**kwargs)` is the one generation loop that the UI and the
 One image, as in ComfyUI (anima_reference.md §1, §5):
     prompt -> Qwen3 hidden states (+ T5 ids) -> LLM adapter -> context [1, >=512, D]
     noise [16, 1, H/8, W/8] from a CPU generator seeded `seed + i` for image i
-    `simple` sigmas (shift) -> sampler; each step x0 = x - sigma * DiT(x, sigma, context), CFG on x0
+    scheduler sigmas (shift) -> sampler; each step x0 = x - sigma * DiT(x, sigma, context), CFG on x0
     normalised latents -> VAE -> image [3, H, W] in [-1, 1]
 
 Devices: the models are loaded on the CPU. Without CUDA everything runs there; with CUDA the host hands
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling
+from . import sampling, schedulers
 from .anima_model import load_anima_model
 from .lora import LoraPatcher, extract_lora_tags, resolve_lora_path
 from .text_encoder import PromptCache, load_text_encoder
@@ -149,13 +149,17 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                  seed: int | None = None, batch_size: int = 1, callback: Callable | None = None,
                  VAE_tile_size: int | Sequence | None = None, joint_pass: bool = True,  # noqa: N803 (Wan2GP)
                  loras: LoraRequest | None = None, lora_dir: str | os.PathLike | None = None,
-                 offloadobj=None, **kwargs) -> dict[str, Tensor | int] | None:
+                 offloadobj=None, scheduler: str | None = None, cfg_truncation: float | None = None,
+                 custom_settings: dict | None = None, **kwargs) -> dict[str, Tensor | int] | None:
         """Generate `batch_size` images; Wan2GP's keyword arguments (others are accepted and ignored).
 
         input_prompt / n_prompt: positive and negative prompt (ComfyUI weight syntax; `<lora:name:0.8>`
             tags in the positive prompt activate LoRAs from `lora_dir`). The negative is unused at CFG 1.
-        sampling_steps, shift: the `simple` schedule; guide_scale: CFG on x0 (1 skips the negative pass).
-        sample_solver: er_sde, euler, euler_ancestral (euler_a) or dpmpp_2m_sde.
+        sampling_steps, shift: the schedule; guide_scale: CFG on x0 (1 skips the negative pass).
+        sample_solver: a name of `sampling.SAMPLERS` (ComfyUI's; "euler_a" is accepted).
+        scheduler: a name of `schedulers.SCHEDULERS` (default "simple"); cfg_truncation: apply CFG only in
+            that first fraction of the steps, the later ones run the positive prompt alone (default 1:
+            every step). Both may also come in `custom_settings` (upstream Wan2GP's per-model settings).
         width, height: pixels, multiples of 16 (anything else raises ValueError).
         seed: image i uses seed + i for its start noise and seed + i + 1 for per-step noise (None or
             negative: random). batch_size: number of images.
@@ -174,7 +178,11 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1 (got {batch_size}).")
         solver = sampling.canonical_sampler(sample_solver or DEFAULT_SAMPLER)
-        sigmas = sampling.simple_schedule(sampling_steps, shift).to(self.device)
+        custom_settings = custom_settings or {}
+        scheduler = scheduler or custom_settings.get("scheduler") or schedulers.DEFAULT_SCHEDULER
+        if cfg_truncation is None:
+            cfg_truncation = float(custom_settings.get("cfg_truncation", 1.0))
+        sigmas = schedulers.compute_sigmas(scheduler, sampling_steps, shift, solver).to(self.device)
         if seed is None or seed < 0:
             seed = secrets.randbelow(MAX_RANDOM_SEED + 1)
         seeds = [seed + i for i in range(batch_size)]
@@ -183,7 +191,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             cond = self._context(prompt)
             uncond = None if math.isclose(guide_scale, 1.0) else self._context(n_prompt or "")
             self._release_text_encoder()
-            denoise = self._denoiser(cond, uncond, guide_scale, joint_pass)
+            denoise = self._denoiser(cond, uncond, guide_scale, joint_pass,
+                                     sampling.cfg_cutoff_sigma(sigmas, cfg_truncation))
             latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback)
         except _Interrupted:
             return None
@@ -195,7 +204,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
         per-step noise from generators seeded `seeds + 1` (ComfyUI's CPU convention), Wan2GP callbacks."""
         shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
-        x = sampling.seeded_randn(seeds, shape).to(self.device)  # at sigma 1, x is the noise itself
+        x = sampling.start_latents(sampling.seeded_randn(seeds, shape).to(self.device), sigmas)
         noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
         on_step = None
         if callback is not None:
@@ -204,7 +213,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
                 callback(i, x0[:, :, 0].transpose(0, 1), False)  # [16, B, h, w]: images on the frame axis
 
-        latents = sampling.sample(solver, denoise, x, sigmas, noise=noise, callback=on_step, shift=shift)
+        latents = sampling.sample(solver, denoise, x, sigmas, noise=noise, callback=on_step, shift=shift,
+                                  seeds=seeds)
         self._check_interrupt()
         return latents
 
@@ -212,10 +222,11 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         if self._interrupt:
             raise _Interrupted
 
-    def _denoiser(self, cond: Tensor, uncond: Tensor | None, guide_scale: float,
-                  joint_pass: bool) -> sampling.Denoiser:
+    def _denoiser(self, cond: Tensor, uncond: Tensor | None, guide_scale: float, joint_pass: bool,
+                  cfg_cutoff: float | None = None) -> sampling.Denoiser:
         """denoise(x, sigma) -> guided x0 for a batch x [B, 16, 1, h, w], with ComfyUI's arithmetic:
-        x0 = x - v * sigma per pass, then x0_u + (x0_c - x0_u) * scale."""
+        x0 = x - v * sigma per pass, then x0_u + (x0_c - x0_u) * scale; at sigmas <= cfg_cutoff the
+        positive pass alone."""
         def dit(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
             return self.transformer(x, t, context).float()  # v in fp32, as ComfyUI takes the model output
 
@@ -224,7 +235,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             batch = x.shape[0]
             t = _exact(sigma.expand(batch))  # [B] sigma: the DiT's timestep
             c = cond.expand(batch, -1, -1)
-            if uncond is None:
+            if uncond is None or (cfg_cutoff is not None and float(sigma) <= cfg_cutoff):
                 return x - dit(x, t, c) * sigma
             u = uncond.expand(batch, -1, -1)
             if joint_pass and c.shape == u.shape:
