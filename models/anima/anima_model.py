@@ -23,11 +23,13 @@ from torch import Tensor, nn
 
 from shared.attention import pay_attention
 
+from .diffusers_format import is_diffusers_folder, read_diffusers_dit
 from .lora import to_mmgp_lora_state_dict
 from .weights import (WeightsError, load_module_strict, open_state_dict, require_kind, required_shape,
                       strip_prefix)
 
-CHECKPOINT_PREFIXES = ("net.", "model.diffusion_model.", "diffusion_model.")
+# Longest first: `model.diffusion_model.net.` (Forge) must not lose only its `model.diffusion_model.`.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.net.", "model.diffusion_model.", "diffusion_model.", "net.")
 NORM_EPS = 1e-6
 PATCH_SPATIAL = 2
 PATCH_TEMPORAL = 1
@@ -493,12 +495,14 @@ class AnimaModel(MiniTrainDIT):
 
 def load_anima_model(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype = torch.bfloat16,
                      device: torch.device | str = "cpu") -> AnimaModel:
-    """Build an AnimaModel from a `.safetensors` path or a state dict (keys prefixed `net.`,
-    `model.diffusion_model.`, `diffusion_model.` or not at all), with the architecture read from the
+    """Build an AnimaModel from a `.safetensors` path, a diffusers-format folder (diffusers_format.py) or a
+    state dict (keys prefixed `net.`, `model.diffusion_model.`, `model.diffusion_model.net.`,
+    `diffusion_model.` or not at all), with the architecture (e.g. 28 or 40 blocks) read from the
     tensor shapes. Built on the meta device and assigned from the memory-mapped file, so peak RAM stays
     near the file size. Raises WeightsError with a user-facing message for any mismatch."""
     what = "Anima DiT"
-    sd = strip_prefix(open_state_dict(source, what=what), CHECKPOINT_PREFIXES)
+    raw = read_diffusers_dit(source) if is_diffusers_folder(source) else open_state_dict(source, what=what)
+    sd = strip_prefix(raw, CHECKPOINT_PREFIXES)
     require_kind(sd, "anima_dit", what=what, source=source)
     dit, adapter = DiTConfig.from_state_dict(sd), AdapterConfig.from_state_dict(sd)
     if adapter.model_dim != dit.crossattn_dim:

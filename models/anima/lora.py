@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .lora_blocks import dit_block_count, fit_lora_to_dit_depth
 from .weights import open_state_dict
 
 logger = logging.getLogger(__name__)
@@ -402,6 +403,7 @@ def _parse_lora(sd: Mapping[str, Tensor], tables: Sequence[_ModuleTable], *, nam
 
     Raises ValueError when no key is usable or when an adapter does not fit its module (a LoRA made
     for a different model)."""
+    sd = fit_lora_to_dit_depth(sd, dit_block_count(n for t in tables if t.target == DIT for n in t.modules))
     groups: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
     unused = []
     for key, tensor in sd.items():
