@@ -2,15 +2,19 @@
 
 A full-width Anima with few layers (DiT 2048 wide with `--blocks` blocks, the full 6-layer LLM adapter,
 a Qwen3 1024 wide with `--te-layers` layers, the full Wan 2.1 VAE), random weights written in the real
-file formats, fp32 on the CPU. Both pipelines generate one `--size`^2 image with the same prompts, Euler,
-`--steps` steps and CFG 4 (cond and uncond in one batch). Diffusers' pipeline is `AnimaAutoBlocks` with the
-same modules (its own default schedule, which changes no cost). Time is split by timing the module calls:
+file formats, fp32 on the CPU. Both pipelines generate one `--size`^2 image with the same prompts,
+`--steps` steps and CFG 4 (cond and uncond in one batch). Ours runs `--sampler` with `--scheduler` (default
+Euler + simple; any name of models/anima/sampling.py SAMPLERS and schedulers.py SCHEDULERS); diffusers'
+pipeline is `AnimaAutoBlocks` with the same modules, always Euler with its own default schedule (a schedule
+changes no cost; a sampler's own work, e.g. the Brownian tree of the DPM++ SDE samplers, shows in "other"
+and a second-order sampler's extra model calls in "DiT"). Time is split by timing the module calls:
 text encode = Qwen3 + LLM adapter, DiT = every transformer forward, VAE = the decode; "other" is the rest
 (tokenizers, scheduler, noise, post-processing). Each pipeline first makes a warm-up run at 256^2; with
 `--repeats` the two then alternate and each phase's best time is shown, the total being their sum (other
 jobs share this CPU, so single runs are noisy).
 
     python bench/pipeline.py [--blocks 2] [--te-layers 4] [--steps 2] [--size 1024] [--repeats 1]
+                             [--sampler euler] [--scheduler simple]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.anima.anima_main import model_factory  # noqa: E402
+from models.anima.sampling import SAMPLERS, canonical_sampler  # noqa: E402
+from models.anima.schedulers import SCHEDULERS, canonical_scheduler  # noqa: E402
 from models.anima.text_encoder import TOKENIZER_DIR  # noqa: E402
 from tests.reference import cosmos_transformer_class  # noqa: E402
 from tests.tiny_dit import make_dit_state_dict  # noqa: E402
@@ -99,7 +105,7 @@ def measure(generate, timer: PhaseTimer, size: int, steps: int) -> dict[str, flo
     return timer.split(time.perf_counter() - start)
 
 
-def ours_runner(files):
+def ours_runner(files, sampler: str = "euler", scheduler: str = "simple"):
     """A function (size, steps) -> phase seconds, after a warm-up run."""
     model = model_factory(*files, device="cpu")
     timer = PhaseTimer()
@@ -111,7 +117,8 @@ def ours_runner(files):
     def generate(side, n_steps, prompt):
         model._prompt_cache.clear()  # every measured run encodes its prompts, as diffusers' does
         return model.generate(input_prompt=prompt, n_prompt=NEGATIVE, sampling_steps=n_steps, guide_scale=4.0,
-                              sample_solver="euler", width=side, height=side, seed=0, joint_pass=True)
+                              sample_solver=sampler, scheduler=scheduler, width=side, height=side, seed=0,
+                              joint_pass=True)
 
     generate(256, 1, "warm-up")
     return lambda size, steps: measure(generate, timer, size, steps)
@@ -191,16 +198,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; best time per phase")
+    parser.add_argument("--sampler", default="euler", help=f"ours: one of {', '.join(SAMPLERS)}")
+    parser.add_argument("--scheduler", default="simple", help=f"ours: one of {', '.join(SCHEDULERS)}")
     args = parser.parse_args()
+    try:
+        canonical_sampler(args.sampler), canonical_scheduler(args.scheduler)
+    except ValueError as error:
+        parser.error(str(error))
 
     with tempfile.TemporaryDirectory() as folder:
         files = write_checkpoints(Path(folder), args.blocks, args.te_layers)
         with torch.inference_mode():
-            runners = ours_runner(files), diffusers_runner(files, args.blocks, args.te_layers)
+            runners = (ours_runner(files, args.sampler, args.scheduler),
+                       diffusers_runner(files, args.blocks, args.te_layers))
             runs = [[run(args.size, args.steps) for run in runners] for _ in range(args.repeats)]
     ours, reference = (best_split([r[i] for r in runs]) for i in range(2))
 
-    print(f"\n{args.size}x{args.size}, {args.steps} Euler steps, CFG 4, DiT {args.blocks} blocks x {WIDTH}, "
+    print(f"\n{args.size}x{args.size}, {args.steps} steps (ours {args.sampler} + {args.scheduler}, diffusers Euler), "
+          f"CFG 4, DiT {args.blocks} blocks x {WIDTH}, "
           f"Qwen3 {args.te_layers} layers x {TEXT_DIM}, VAE base {VAE_BASE}, fp32, {torch.get_num_threads()} threads")
     print(f"{'phase':<12} {'ours (s)':>10} {'diffusers (s)':>14} {'ours/diffusers':>15}")
     for phase in PHASES:

@@ -244,6 +244,7 @@ def validate_settings(entry: ModelEntry, settings: Mapping[str, Any]) -> dict[st
     max_batch = int(definition.get("image_batch_size_max", 16))
     clean["batch_size"] = _as_int("batch_size", settings.get("batch_size"), 1, max_batch)
     solver = _text("sample_solver", settings.get("sample_solver"))
+    solver = definition.get("sample_solver_aliases", {}).get(solver, solver)  # e.g. "euler_a"
     samplers = [value for _, value in sampler_choices(definition)]
     if samplers and solver not in samplers:
         raise SettingsError(f"Unknown sampler '{solver}': choose one of {', '.join(samplers)}.")

@@ -214,3 +214,15 @@ def test_offload_without_cuda_stays_on_cpu_and_never_imports_mmgp(monkeypatch):
     layer = torch.nn.Linear(2, 2)
     assert offload_pipe({"transformer": layer}, 4, torch.float32) is None
     assert layer.weight.device.type == "cpu"
+
+
+def test_settings_accept_every_sampler_spelling_and_store_comfyuis_name():
+    from shared.settings import validate_settings
+    from wgp import load_registry
+
+    registry = load_registry()
+    entry = registry.entry(registry.model_types[0])
+    base = registry.factory_settings(entry.model_type) | {"prompt": "a cat"}
+    for given, stored in [("euler_a", "euler_ancestral"), ("euler_ancestral", "euler_ancestral"), ("uni_pc", "uni_pc"),
+                          ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde_gpu")]:
+        assert validate_settings(entry, base | {"sample_solver": given})["sample_solver"] == stored

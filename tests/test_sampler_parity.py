@@ -61,24 +61,22 @@ def test_brownian_noise_is_comfyuis_tree_reproducible_and_per_image():
     alone = sampling.brownian_noise_sampler([11], like[:1], schedulers.compute_sigmas("simple", 8))
     full = schedulers.compute_sigmas("simple", 8)
     reference = comfy_loops.BrownianTree(like[:1], full[full > 0].min(), full.max(), seed=11)
-    increments = []
     for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1]):
         first, second = draws[0](sigma, sigma_next), draws[1](sigma, sigma_next)
         assert torch.equal(first, second)  # reproducible across runs
         assert torch.equal(first[1:], alone(sigma, sigma_next))  # image 1 = seed 11 alone
         assert torch.equal(first[1:], reference(sigma, sigma_next))  # ComfyUI's tree for seed 11
         assert not torch.equal(first[0], first[1])
-        increments.append(first)
 
 
 def test_brownian_increments_are_independent_standard_normals():
-    like = torch.zeros(1, 16, 1, 64, 64)
+    like = torch.zeros(1, 16, 1, 32, 32)
     sigmas = torch.tensor([1.0, 0.7, 0.4, 0.1, 0.0])
     draw = sampling.brownian_noise_sampler([123], like, sigmas)
     a, b = draw(sigmas[0], sigmas[1]).flatten(), draw(sigmas[1], sigmas[2]).flatten()
-    for n in (a, b):  # 65536 samples
-        assert abs(n.mean().item()) < 0.02 and abs(n.std().item() - 1) < 0.02
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.02
+    for n in (a, b):  # 16384 samples: standard errors 0.008 (mean, correlation) and 0.0055 (std)
+        assert abs(n.mean().item()) < 0.035 and abs(n.std().item() - 1) < 0.025
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.035
     # the tree is additive: the increment over the union is the sum of the increments
     whole = draw(sigmas[0], sigmas[2]) * (sigmas[0] - sigmas[2]).sqrt()
     parts = draw(sigmas[0], sigmas[1]) * (sigmas[0] - sigmas[1]).sqrt() + draw(sigmas[1], sigmas[2]) * (

@@ -87,6 +87,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "guidance_max_phases": 1,
             "flow_shift": True,
             "sample_solvers": list(SAMPLE_SOLVERS),
+            "sample_solver_aliases": dict(SAMPLER_ALIASES),  # other spellings the settings accept
             "resolutions": [list(r) for r in RESOLUTIONS],
             "vae_block_size": SIZE_MULTIPLE,
             "image_batch_size_max": 16,
