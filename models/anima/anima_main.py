@@ -161,8 +161,9 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             that first fraction of the steps, the later ones run the positive prompt alone (default 1:
             every step). Both may also come in `custom_settings` (upstream Wan2GP's per-model settings).
         width, height: pixels, multiples of 16 (anything else raises ValueError).
-        seed: image i uses seed + i for its start noise and seed + i + 1 for per-step noise (None or
-            negative: random). batch_size: number of images.
+        seed: image i uses seed + i for its start noise and seed + i + 1 for per-step noise (the Brownian
+            tree of the DPM++ SDE samplers: seed + i), as ComfyUI for that image alone (None or negative:
+            random). batch_size: number of images.
         callback: Wan2GP's progress callback: `callback(-1, None, True, override_num_inference_steps=N)`
             once, then `callback(i, x0, False)` after step i with the denoised latents [16, B, h, w].
         VAE_tile_size: decode tile edge in pixels (0 / None: chosen from free memory).
@@ -202,7 +203,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
                 height: int, shift: float, callback: Callable | None) -> Tensor:
         """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
-        per-step noise from generators seeded `seeds + 1` (ComfyUI's CPU convention), Wan2GP callbacks."""
+        per-step noise from generators seeded `seeds + 1` and Brownian trees seeded `seeds` (ComfyUI's CPU
+        convention), Wan2GP callbacks."""
         shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
         x = sampling.start_latents(sampling.seeded_randn(seeds, shape).to(self.device), sigmas)
         noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
