@@ -56,7 +56,8 @@ def test_the_40_block_anima_2b9_loads_with_its_depth_from_the_shapes(tmp_path):
 def test_insertion_indices_are_the_published_ones():
     assert ANIMA_2B9_INSERTED_BLOCKS == (2, 5, 8, 11, 14, 17, 21, 24, 27, 30, 33, 36)
     assert ANIMA_2B9_BASE_BLOCK_INDICES[:6] == (0, 1, 3, 4, 6, 7) and ANIMA_2B9_BASE_BLOCK_INDICES[-3:] == (37, 38, 39)
-    assert len(ANIMA_2B9_BASE_BLOCK_INDICES) == 28 and not set(ANIMA_2B9_BASE_BLOCK_INDICES) & set(ANIMA_2B9_INSERTED_BLOCKS)
+    assert len(ANIMA_2B9_BASE_BLOCK_INDICES) == 28
+    assert not set(ANIMA_2B9_BASE_BLOCK_INDICES) & set(ANIMA_2B9_INSERTED_BLOCKS)
 
 
 def test_lora_keys_of_every_spelling_are_renumbered():

@@ -133,10 +133,11 @@ def brownian_noise_sampler(seeds: Sequence[int], like: Tensor, sigmas: Tensor, *
     seeds[i], over [smallest positive sigma, largest sigma] of `sigmas` (the schedule before any first-sigma
     offset), on the CPU (ComfyUI's `dpmpp_2m_sde`: the same numbers on every machine) or with cpu=False on
     `like`'s device (`dpmpp_2m_sde_gpu`: faster, and the GPU's random numbers): ComfyUI's tree for that
-    image generated alone with seed seeds[i]. A call returns
-    the tree's increment from sigma to sigma_next divided by sqrt(|sigma_next - sigma|), float32 on
-    `like`'s device: standard normal per element, independent over disjoint intervals. The trees are built
-    on the first call, so a schedule that never needs noise needs neither them nor torchsde.
+    image generated alone with seed seeds[i]. A call returns the tree's increment from sigma to sigma_next
+    divided by sqrt(|sigma_next - sigma|), float32 on `like`'s device: standard normal per element,
+    independent over disjoint intervals. The trees are built on the first call, so a schedule that never
+    needs noise needs neither them nor torchsde. On the CPU a call costs about as much as a few hundred
+    elementwise passes over the latents (torchsde walks the tree), as in ComfyUI.
     """
     trees = []
 
@@ -417,7 +418,8 @@ def sample_res_multistep(
         if zero_next[i] or old_denoised is None:
             x = x + (x - denoised) / sigma * (sigma_next - sigma)
         else:
-            t, t_old, t_next, t_prev = _neg_log(sigma), _neg_log(old_sigma), _neg_log(sigma_next), _neg_log(sigmas[i - 1])
+            t, t_old = _neg_log(sigma), _neg_log(old_sigma)
+            t_next, t_prev = _neg_log(sigma_next), _neg_log(sigmas[i - 1])
             h = t_next - t
             c2 = (t_prev - t_old) / h
             phi_1, phi_2 = _phi_1(-h), (_phi_1(-h) - 1.0) / -h
@@ -511,7 +513,8 @@ class _UniPC:
 
         if d1s:
             d1s = torch.stack(d1s, dim=1)  # [B, K, ...]
-            rhos_p = torch.tensor([0.5], device=x.device) if order == 2 else torch.linalg.solve(r_matrix[:-1, :-1], b[:-1])
+            rhos_p = (torch.tensor([0.5], device=x.device) if order == 2
+                      else torch.linalg.solve(r_matrix[:-1, :-1], b[:-1]))
             predicted = torch.einsum("k,bk...->b...", rhos_p, d1s)
         else:
             d1s, predicted = None, 0
