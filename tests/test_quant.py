@@ -314,3 +314,41 @@ def test_quantized_weight_where_full_precision_is_needed(master):
     sd = {"table": quantize_weight(torch.randn(4, 8), "int8")}
     with pytest.raises(WeightsError, match=r"'table' quantized, but this tensor must be in full precision"):
         load_module_strict(module, sd, dtype=torch.float32, device="cpu", what="test")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The handler's quantizeTransformer / save_quantized
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_handler_quantizes_and_saves_in_comfy_layout(tmp_path):
+    from models.anima.anima_handler import family_handler
+    from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts
+
+    ckpts = write_tiny_ckpts(tmp_path)
+    model, pipe = family_handler.load_model(str(ckpts / DIT_FILE), quantizeTransformer="fp8", save_quantized=True)
+    assert isinstance(pipe["transformer"].blocks[0].mlp.layer1.weight, QuantizedWeight)
+    saved = ckpts / "anima-preview_fp8.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        assert json.loads(bytes(f.get_tensor("net.blocks.0.mlp.layer1.comfy_quant").tolist())) == {
+            "format": "float8_e4m3fn"}
+    again, _ = family_handler.load_model(str(saved), quantizeTransformer=False)
+    assert torch.equal(run(again.transformer), run(model.transformer))
+
+
+def test_handler_lets_upstream_wan2gp_save_and_register_the_file(tmp_path, monkeypatch):
+    """Inside upstream Wan2GP, `--save-quantized` goes to the host's own `save_quantized_model`."""
+    import sys
+    import types
+
+    from models.anima.anima_handler import family_handler
+    from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts
+
+    calls = []
+    host = types.SimpleNamespace(save_quantized_model=lambda *args: calls.append(args))
+    monkeypatch.setitem(sys.modules, "wgp", host)
+    ckpts = write_tiny_ckpts(tmp_path)
+    model, _ = family_handler.load_model(str(ckpts / DIT_FILE), model_type="anima", save_quantized=True)
+    assert calls == [(model.transformer, "anima", str(ckpts / DIT_FILE), model.dtypes.transformer, None)]
+    assert not isinstance(model.transformer.blocks[0].mlp.layer1.weight, QuantizedWeight)  # the host quantizes
+    assert not list(ckpts.glob("*int8*"))
