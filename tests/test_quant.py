@@ -4,6 +4,7 @@ exact layout load, stay quantized, and compute what the same model built from th
 computes (dequantized here with the layout's own formula, not the app's); on-the-fly quantization round
 trips through ComfyUI's layout; broken files give one clear WeightsError."""
 
+import base64
 import json
 
 import pytest
@@ -129,7 +130,9 @@ def legacy_scaled_fp8_file(master):
 
 
 def quanto_int8_file(master):
-    """mmgp's `offload.save_model(..., do_quantize=True)` layout (Wan2GP's *_quanto_bf16_int8 files)."""
+    """mmgp's `offload.save_model(..., do_quantize=True)` layout (Wan2GP's *_quanto_bf16_int8 files, as mmgp
+    3.7.12 writes them): `weight._data` int8, `weight._scale` bf16 [out, 1], unused activation scales, and
+    the quanto map base64-encoded in the metadata."""
     tensors, reference, qmap = {}, {}, {}
     for key, w in master.items():
         name = key.removeprefix("net.")
@@ -140,9 +143,12 @@ def quanto_int8_file(master):
         codes, scale, _ = quantize(w, "int8", rowwise=True)
         scale = scale.to(torch.bfloat16)
         reference[key] = codes.float() * scale.float()
-        tensors |= {name + "._data": codes, name + "._scale": scale}
-        qmap[name.removesuffix(".weight")] = {"weights": "qint8", "activations": "none"}
-    return tensors, {"quantization_map": json.dumps(qmap)}, reference
+        layer = name.removesuffix(".weight")
+        tensors |= {name + "._data": codes, name + "._scale": scale, layer + ".input_scale": torch.tensor(
+            1.0, dtype=torch.bfloat16), layer + ".output_scale": torch.tensor(1.0, dtype=torch.bfloat16)}
+        qmap[layer] = {"weights": "qint8", "activations": "none"}
+    encoded = base64.b64encode(json.dumps(qmap).encode()).decode()
+    return tensors, {"quantization_map_base64": encoded, "quantization_format": "quanto"}, reference
 
 
 def fp8_cast_file(master):
@@ -352,3 +358,21 @@ def test_handler_lets_upstream_wan2gp_save_and_register_the_file(tmp_path, monke
     assert calls == [(model.transformer, "anima", str(ckpts / DIT_FILE), model.dtypes.transformer, None)]
     assert not isinstance(model.transformer.blocks[0].mlp.layer1.weight, QuantizedWeight)  # the host quantizes
     assert not list(ckpts.glob("*int8*"))
+
+
+def test_quantized_weights_refuse_in_place_writes_and_show_plain_values_elsewhere():
+    weight = quantize_weight(torch.randn(8, 16), "int8")
+    assert torch.equal(weight.t(), weight.dequantize().t()) and type(weight.clone()) is torch.Tensor
+    with pytest.raises(TypeError, match="cannot be modified in place"):
+        weight.add_(1.0)
+
+
+def test_merging_a_lora_into_quantized_weights_is_a_clear_error(tmp_path, master):
+    from models.anima.lora import LoraPatcher
+
+    model = load_anima_model(master, dtype=torch.float32, quantize="int8")
+    save_file({"diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 64),
+               "diffusion_model.blocks.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4)},
+              str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ValueError, match="quantized"):
+        LoraPatcher(model).set_loras([(tmp_path / "lora.safetensors", 1.0)])

@@ -19,6 +19,7 @@ GGUF blocks come from `gguf_file.py`. Written: ComfyUI's `comfy_quant` layout (`
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -217,7 +218,10 @@ class QuantizedWeight(Tensor):
             move = (lambda t: t.to(device, non_blocking=kwargs.get("non_blocking", False))) if device else (
                 lambda t: t)
             return self._rebuilt(move, dtype)
-        # Anything else (a transpose, a clone, an in-place LoRA merge refused upstream...) sees plain weights.
+        if func._schema.is_mutable:  # a write into a temporary dequantized copy would be silently lost
+            raise TypeError(f"Quantized weights cannot be modified in place ({func}); load the unquantized "
+                            "file to change them (e.g. to merge a LoRA).")
+        # Anything else (a transpose, a clone...) sees the plain weight.
         plain = tree_map(lambda a: a.dequantize() if isinstance(a, QuantizedWeight) else a, (args, kwargs))
         return func(*plain[0], **plain[1])
 
@@ -317,10 +321,9 @@ def _layer_configs(sd: dict[str, Tensor], metadata: Mapping[str, str]) -> dict[s
             configs[layer] = dict(json.loads(bytes(sd.pop(key).tolist()).decode("utf-8")))
         except (ValueError, TypeError):
             raise QuantizationError(f"'{key}' is not a JSON quantization config") from None
-    if "quantization_map" in metadata:  # mmgp / optimum-quanto files (Wan2GP's *_quanto_*_int8)
-        for layer, conf in json.loads(metadata["quantization_map"]).items():
-            if conf.get("weights", "none") != "none":
-                configs[layer] = _from_quanto(sd, layer, conf["weights"])
+    for layer, conf in _quanto_map(metadata).items():  # mmgp / optimum-quanto files (Wan2GP's *_quanto_*_int8)
+        if conf.get("weights", "none") != "none":
+            configs[layer] = _from_quanto(sd, layer, conf)
     marker = sd.pop("scaled_fp8", None)
     for key in [k for k in sd if k.endswith(".scale_weight")]:  # legacy scaled fp8 (ComfyUI's old quants)
         layer = key[: -len(".scale_weight")]
@@ -339,17 +342,32 @@ def _layer_configs(sd: dict[str, Tensor], metadata: Mapping[str, str]) -> dict[s
     return configs
 
 
-def _from_quanto(sd: dict[str, Tensor], layer: str, qtype: str) -> dict:
+def _quanto_map(metadata: Mapping[str, str]) -> dict:
+    """mmgp's `offload.save_model` stores quanto's map base64-encoded (`quantization_map_base64`); older files
+    have it as plain JSON (`quantization_map`)."""
+    try:
+        if "quantization_map_base64" in metadata:
+            return json.loads(base64.b64decode(metadata["quantization_map_base64"]))
+        return json.loads(metadata.get("quantization_map", "{}"))
+    except ValueError:
+        raise QuantizationError("its mmgp/quanto 'quantization_map' metadata is not valid JSON") from None
+
+
+def _from_quanto(sd: dict[str, Tensor], layer: str, conf: Mapping[str, str]) -> dict:
     formats = {"qint8": INT8_FORMAT, "qfloat8": "float8_e4m3fn", "qfloat8_e4m3fn": "float8_e4m3fn",
                "qfloat8_e5m2": "float8_e5m2"}
-    if qtype not in formats:
-        raise QuantizationError(f"layer '{layer}': the mmgp/quanto type '{qtype}' is not supported "
-                                f"(supported: {', '.join(formats)})")
+    qtype, activations = conf["weights"], conf.get("activations", "none")
+    if qtype not in formats or activations != "none":
+        raise QuantizationError(f"layer '{layer}': the mmgp/quanto weights '{qtype}' with activations "
+                                f"'{activations}' are not supported (supported: {', '.join(formats)}, activations "
+                                "none)")
     for part, name in (("_data", "weight"), ("_scale", "weight_scale")):
         key = f"{layer}.weight.{part}"
         if key not in sd:
             raise QuantizationError(f"layer '{layer}': '{key}' is missing")
         sd[f"{layer}.{name}"] = sd.pop(key)
+    for unused in ("input_scale", "output_scale"):  # quanto's activation scales: unused when activations are none
+        sd.pop(f"{layer}.{unused}", None)
     return {"format": formats[qtype]}
 
 
