@@ -7,7 +7,8 @@ valid blocks: the gguf package cannot quantize K-quants, and the weights are ran
 fresh process per file: load it (computing in fp32, the CPU policy), fault in every stored page (as a first
 full forward would), and run one 1024x1024 forward (4096 tokens) through the first `--blocks` blocks
 (default 4: a 28-block fp32 forward takes minutes on 2 cores; its time scales with the block count; the
-fastest of `--repeat` runs), with RAM measured as the peak RSS (VmHWM, reset before the forward). Ratios are to the bf16 file in the same run.
+fastest of `--repeat` runs), with RAM measured as the peak RSS (VmHWM, reset before the forward).
+Ratios are to the bf16 file in the same run.
 
     flock /tmp/bigmem.lock python bench/quantized.py [--blocks N] [--repeat N] [--keep DIR] [--tiny]
 
@@ -176,14 +177,14 @@ def main() -> None:
                 run_step("write_gguf", name, str(paths["bf16"]), str(path))
             else:
                 run_step("write_quantized", name, str(paths["bf16"]), str(path))
-        results = {name: run_step("measure", str(path), str(args.blocks), str(args.repeat)) | {"size": path.stat().st_size}
-                   for name, path in paths.items()}
+        results = {name: run_step("measure", str(path), str(args.blocks), str(args.repeat))
+                   | {"size": path.stat().st_size} for name, path in paths.items()}
     finally:
         if args.keep is None:
             shutil.rmtree(folder)
     base, gb = results["bf16"], 1e9
-    print(f"{'Tiny' if args.tiny else 'Full-size'} Anima DiT, random weights; CPU, fp32 compute; forward = one 1024x1024 step through "
-          f"{args.blocks} of 28 blocks. Ratios to the bf16 file.")
+    print(f"{'Tiny' if args.tiny else 'Full-size'} Anima DiT, random weights; CPU, fp32 compute; forward = one "
+          f"1024x1024 step through {args.blocks} blocks. Ratios to the bf16 file.")
     print(f"python + torch before loading: {base['baseline_rss'] / gb:.2f} GB RSS")
     print(f"{'file':6} {'size GB':>14} {'load peak RSS GB':>18} {'resident GB':>15} {'forward peak GB':>17} "
           f"{'forward s':>14} {'load s':>7}")

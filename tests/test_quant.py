@@ -376,3 +376,12 @@ def test_merging_a_lora_into_quantized_weights_is_a_clear_error(tmp_path, master
               str(tmp_path / "lora.safetensors"))
     with pytest.raises(ValueError, match="quantized"):
         LoraPatcher(model).set_loras([(tmp_path / "lora.safetensors", 1.0)])
+
+
+@pytest.mark.parametrize("how", ["int8_convrot", "fp8"])
+def test_quantized_linear_traces_under_torch_compile(how):
+    """`--compile` traces the blocks: the weight subclass must go through dynamo and fake tensors."""
+    linear = torch.nn.Linear(64, 32, bias=False)
+    linear.weight = torch.nn.Parameter(quantize_weight(torch.randn(32, 64), how).float(), requires_grad=False)
+    x = torch.randn(4, 64)
+    assert torch.equal(torch.compile(linear, backend="aot_eager")(x), linear(x))

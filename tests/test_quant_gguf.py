@@ -51,7 +51,10 @@ def encoded(array, type_name):
     if type_name == "F16":
         return array.astype(np.float16), T.F16, array.astype(np.float16).astype(np.float32)
     qtype = getattr(T, type_name)
-    raw = gguf.quants.quantize(array, qtype) if type_name in NUMPY_QUANTIZABLE else random_blocks(type_name, *array.shape)
+    if type_name in NUMPY_QUANTIZABLE:
+        raw = gguf.quants.quantize(array, qtype)
+    else:
+        raw = random_blocks(type_name, *array.shape)
     return raw, qtype, gguf.quants.dequantize(raw, qtype)
 
 

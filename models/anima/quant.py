@@ -101,20 +101,15 @@ def _check_convrot_group(group: int, in_features: int) -> None:
 
 
 _HADAMARD_4 = ((1.0, 1.0, 1.0, -1.0), (1.0, 1.0, -1.0, 1.0), (1.0, -1.0, 1.0, 1.0), (-1.0, 1.0, 1.0, 1.0))
-_hadamard_cache: dict[tuple[int, torch.device], Tensor] = {}
-
-
 def hadamard(size: int, device: torch.device | str = "cpu") -> Tensor:
     """The regular Hadamard matrix of `size` (a power of 4): Kronecker powers of the symmetric 4x4 one,
-    scaled by size^-1/2, so it is symmetric and orthogonal (its own inverse). fp32."""
-    key = (size, torch.device(device))
-    if key not in _hadamard_cache:
-        base = torch.tensor(_HADAMARD_4)
-        matrix = torch.ones(1, 1)
-        while matrix.shape[0] < size:
-            matrix = torch.kron(matrix, base)
-        _hadamard_cache[key] = (matrix / size**0.5).to(device)
-    return _hadamard_cache[key]
+    scaled by size^-1/2, so it is symmetric and orthogonal (its own inverse). fp32. Built on each call (a
+    few microseconds; no cached tensor, which torch.compile's fake tensors could not mix with)."""
+    base = torch.tensor(_HADAMARD_4, device=device)
+    matrix = base
+    while matrix.shape[0] < size:
+        matrix = torch.kron(matrix, base)
+    return matrix * size**-0.5
 
 
 def rotate_groups(x: Tensor, group: int) -> Tensor:
@@ -412,8 +407,8 @@ def wrap_fp8_cast(weight: Tensor) -> QuantizedWeight:
 
 def quantize_weight(weight: Tensor, how: str) -> QuantizedWeight:
     """Quantize a [out, in] float weight: "int8" (absmax per output row), "int8_convrot" (the same after the
-    Hadamard rotation in groups of 256, or of 64 or 16 where the input width needs it) or "fp8" (float8_e4m3fn, one absmax scale, as ComfyUI's quantizer). The
-    result reports `weight`'s dtype."""
+    Hadamard rotation in groups of 256, or of 64 or 16 where the input width needs it) or "fp8"
+    (float8_e4m3fn, one absmax scale, as ComfyUI's quantizer). The result reports `weight`'s dtype."""
     if how not in QUANTIZE_CHOICES:
         raise ValueError(f"Unknown quantization {how!r}; choose one of {', '.join(QUANTIZE_CHOICES)}.")
     w = weight.detach().float()
