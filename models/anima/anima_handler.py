@@ -145,8 +145,11 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         Any quantized DiT or text-encoder file (ComfyUI fp8/int8/ConvRot, GGUF, mmgp's quanto int8) is read by
         this family's own loader, also inside upstream Wan2GP, rather than by mmgp with the host's registered
         quantization handlers: the same file then gives the same images in both hosts, formats the host's
-        handlers lack still load, a broken file is one clear error, and nothing depends on which handlers
-        and mmgp version the host has. The weights stay quantized as mmgp expects (`quant.py`).
+        handlers lack still load (legacy scaled fp8, `_quantization_metadata`, GGUF text encoders), a broken
+        file is one clear error, and nothing depends on which handlers and mmgp version the host has (in a
+        CPU check with mmgp 3.7.12, its fp8 handler mis-scaled a ComfyUI fp8 file that ComfyUI's formula and
+        this loader agree on; its int8, ConvRot and GGUF handlers matched this loader). The weights stay
+        quantized in the form mmgp pins and streams (`quant.py`).
         quantizeTransformer: True (the host, for a definition with `auto_quantize`: int8) or one of "int8",
         "int8_convrot", "fp8": quantize the DiT's attention and MLP weights while loading.
         save_quantized: True (the host's `--save-quantized`): inside upstream Wan2GP its `save_quantized_model`
