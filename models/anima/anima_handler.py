@@ -10,6 +10,7 @@ ComfyUI-style `../text_encoders`, `../vae` beside the DiT's folder). The tokeniz
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .sampling import DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS
@@ -61,6 +62,22 @@ def find_component(model_files: list[str], file_name: str, hub_folder: str) -> s
     raise ValueError(f"Anima needs '{file_name}', which is not in {', '.join(str(c.parent) for c in candidates)}. "
                      f"Download it from https://huggingface.co/{REPO_ID}/blob/main/{hub_folder}/{file_name} "
                      f"into {folder}.")
+
+
+def _host_save_quantized_model():
+    """Upstream Wan2GP's `save_quantized_model` when this family runs inside it (wgp registers itself as
+    the module `wgp`), else None."""
+    host = sys.modules.get("wgp")
+    return getattr(host, "save_quantized_model", None)
+
+
+def _quantized_file_name(dit_file: str, quantize: str | None) -> str:
+    """`anima-preview.safetensors` -> `anima-preview_int8.safetensors` (a `bf16` in the name is replaced),
+    so the host's choice by `transformer_quantization` finds it by its `int8` / `fp8` token."""
+    path = Path(dit_file)
+    tag = quantize or "int8"
+    stem = path.stem.replace("bf16", tag) if "bf16" in path.stem else f"{path.stem}_{tag}"
+    return str(path.with_name(stem + ".safetensors"))
 
 
 class family_handler:  # noqa: N801 (the name Wan2GP looks up)
@@ -120,18 +137,42 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
                    VAE_dtype=None, mixed_precision_transformer=False, save_quantized=False,  # noqa: N803
                    submodel_no_list=None, text_encoder_filename=None, **kwargs):
         """(model_factory, {"transformer", "text_encoder", "vae"}). `model_filename` is the DiT file or a
-        list starting with it (it may also hold the other two); dtype / VAE_dtype None: the dtype policy."""
+        list starting with it (it may also hold the other two); dtype / VAE_dtype None: the dtype policy.
+
+        Any quantized DiT or text-encoder file (ComfyUI fp8/int8/ConvRot, GGUF, mmgp's quanto int8) is read by
+        this family's own loader, also inside upstream Wan2GP, rather than by mmgp with the host's registered
+        quantization handlers: the same file then gives the same images in both hosts, formats the host's
+        handlers lack still load (legacy scaled fp8, `_quantization_metadata`, GGUF text encoders), a broken
+        file is one clear error, and nothing depends on which handlers and mmgp version the host has (in a
+        CPU check with mmgp 3.7.12, its fp8 handler mis-scaled a ComfyUI fp8 file that ComfyUI's formula and
+        this loader agree on; its int8, ConvRot and GGUF handlers matched this loader). The weights stay
+        quantized in the form mmgp pins and streams (`quant.py`).
+        quantizeTransformer: True (the host, for a definition with `auto_quantize`: int8) or one of "int8",
+        "int8_convrot", "fp8": quantize the DiT's attention and MLP weights while loading.
+        save_quantized: True (the host's `--save-quantized`): inside upstream Wan2GP its `save_quantized_model`
+        writes, names and registers the file (mmgp's quanto int8, or ConvRot with `--convrot`, both read
+        here); elsewhere `<dit>_int8.safetensors` is written beside the DiT. A path: write there. Our files
+        use ComfyUI's `comfy_quant` layout (`save_anima_model`)."""
         from .anima_main import model_factory  # torch + transformers: only when a model is loaded
 
         files = [str(f) for f in (model_filename if isinstance(model_filename, (list, tuple)) else [model_filename])]
         if text_encoder_filename:
             files.append(str(text_encoder_filename))
+        quantize = "int8" if quantizeTransformer is True else quantizeTransformer or None
+        host_save = _host_save_quantized_model() if save_quantized is True else None
+        save_path = None
+        if save_quantized and host_save is None:
+            save_path = save_quantized if save_quantized is not True else _quantized_file_name(files[0], quantize)
+            quantize = quantize or "int8"
         model = model_factory(
             files[0],
             find_component(files, TEXT_ENCODER_FILE, TEXT_ENCODER_FOLDER),
             find_component(files, VAE_FILE, VAE_FOLDER),
             dtype=dtype, vae_dtype=VAE_dtype, low_memory=bool(kwargs.get("low_memory", False)),
+            quantize=quantize, save_quantized=save_path,
         )
+        if host_save is not None:
+            host_save(model.transformer, model_type, files[0], model.dtypes.transformer, None)
         return model, {"transformer": model.transformer, "text_encoder": model.text_encoder, "vae": model.vae}
 
     @staticmethod

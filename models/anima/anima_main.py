@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import sampling, schedulers
-from .anima_model import load_anima_model
+from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher, extract_lora_tags, resolve_lora_path
 from .text_encoder import PromptCache, load_text_encoder
 from .vae import load_vae
@@ -111,6 +111,10 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         device: execution device (None: `default_device()`).
         low_memory: on the CPU, free the text encoder after encoding (reloaded when a new prompt or a LoRA
             needs it). On CUDA, mmgp already evicts it from the GPU.
+        quantize: "int8", "int8_convrot" or "fp8": quantize the DiT's attention and MLP weights while loading
+            (`load_anima_model`); None keeps the file as it is (quantized files stay quantized anyway).
+        save_quantized: a path: write the loaded DiT there in ComfyUI's `comfy_quant` layout
+            (`save_anima_model`), e.g. after `quantize`, so the next start loads the small file.
 
     Attributes: `transformer`, `text_encoder` (None while freed), `vae`, `device`, `dtypes`, and
     `_interrupt`: set it to True to stop a running `generate` (the caller resets it before each run, as wgp
@@ -120,12 +124,15 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
     def __init__(self, transformer_filename: str | os.PathLike, text_encoder_filename: str | os.PathLike,
                  vae_filename: str | os.PathLike, *, dtype: torch.dtype | None = None,
                  vae_dtype: torch.dtype | None = None, text_encoder_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, low_memory: bool = False):
+                 device: torch.device | str | None = None, low_memory: bool = False, quantize: str | None = None,
+                 save_quantized: str | os.PathLike | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         self.dtypes = choose_dtypes(self.device, dtype, vae_dtype, text_encoder_dtype)
         self.text_encoder_filename = text_encoder_filename
         self.low_memory = low_memory
-        self.transformer = load_anima_model(transformer_filename, dtype=self.dtypes.transformer)
+        self.transformer = load_anima_model(transformer_filename, dtype=self.dtypes.transformer, quantize=quantize)
+        if save_quantized:
+            save_anima_model(self.transformer, save_quantized)
         self.text_encoder = self._load_text_encoder()
         self.vae = load_vae(vae_filename, dtype=self.dtypes.vae)
         # For mmgp: keep each module's dtype (instead of converting fp32 weights to bf16), and load the VAE

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ from shared.attention import pay_attention
 
 from .diffusers_format import is_diffusers_folder, read_diffusers_dit
 from .lora import to_mmgp_lora_state_dict
+from .quant import comfy_quant_state_dict, quantize_weight
 from .weights import (WeightsError, load_module_strict, open_state_dict, require_kind, required_shape,
-                      strip_prefix)
+                      save_state_dict, strip_prefix)
 
 # Longest first: `model.diffusion_model.net.` (Forge) must not lose only its `model.diffusion_model.`.
 CHECKPOINT_PREFIXES = ("model.diffusion_model.net.", "model.diffusion_model.", "diffusion_model.", "net.")
@@ -493,13 +495,23 @@ class AnimaModel(MiniTrainDIT):
         return to_mmgp_lora_state_dict(sd, self)
 
 
+# On-the-fly quantization touches only the attention and MLP linears of the blocks: the timestep embedder,
+# the adaLN modulations, the patch embedding, the final layer and the whole LLM adapter stay in the compute
+# dtype (quantizing t_embedder or the adapter hurts Anima; checkpoints.md §3.3).
+QUANTIZABLE_WEIGHTS = re.compile(r"blocks\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|output_proj)\.weight"
+                                 r"|blocks\.\d+\.mlp\.layer[12]\.weight")
+
+
 def load_anima_model(source: str | os.PathLike | Mapping[str, Tensor], dtype: torch.dtype = torch.bfloat16,
-                     device: torch.device | str = "cpu") -> AnimaModel:
-    """Build an AnimaModel from a `.safetensors` path, a diffusers-format folder (diffusers_format.py) or a
-    state dict (keys prefixed `net.`, `model.diffusion_model.`, `model.diffusion_model.net.`,
-    `diffusion_model.` or not at all), with the architecture (e.g. 28 or 40 blocks) read from the
-    tensor shapes. Built on the meta device and assigned from the memory-mapped file, so peak RAM stays
-    near the file size. Raises WeightsError with a user-facing message for any mismatch."""
+                     device: torch.device | str = "cpu", quantize: str | None = None) -> AnimaModel:
+    """Build an AnimaModel from a `.safetensors` or `.gguf` path, a diffusers-format folder
+    (diffusers_format.py) or a state dict (keys prefixed `net.`, `model.diffusion_model.`,
+    `model.diffusion_model.net.`, `diffusion_model.` or not at all), with the architecture (e.g. 28 or 40
+    blocks) read from the tensor shapes. Built on the meta device and assigned from the memory-mapped file, so peak RAM stays
+    near the file size. Quantized files (fp8, int8, ConvRot, GGUF; `quant.py`) stay quantized and compute
+    in `dtype`. `quantize` ("int8", "int8_convrot" or "fp8") quantizes the full-precision attention and MLP
+    weights while loading (`QUANTIZABLE_WEIGHTS`). Raises WeightsError with a user-facing message for any
+    mismatch."""
     what = "Anima DiT"
     raw = read_diffusers_dit(source) if is_diffusers_folder(source) else open_state_dict(source, what=what)
     sd = strip_prefix(raw, CHECKPOINT_PREFIXES)
@@ -508,6 +520,15 @@ def load_anima_model(source: str | os.PathLike | Mapping[str, Tensor], dtype: to
     if adapter.model_dim != dit.crossattn_dim:
         raise WeightsError(f"The {what} weights are inconsistent: the LLM adapter's width {adapter.model_dim} "
                            f"differs from the DiT's context width {dit.crossattn_dim}.")
+    if quantize:
+        sd = {k: quantize_weight(t, quantize) if QUANTIZABLE_WEIGHTS.fullmatch(k) and t.dtype in (
+            torch.bfloat16, torch.float16, torch.float32) and type(t) is Tensor else t for k, t in sd.items()}
     with torch.device("meta"):
         model = AnimaModel(dit, adapter)
     return load_module_strict(model, sd, dtype=dtype, device=device, what=what)
+
+
+def save_anima_model(model: AnimaModel, path: str | os.PathLike) -> None:
+    """Write the DiT + adapter as ComfyUI loads it: `net.`-prefixed keys, bf16 tensors, and each quantized
+    layer in ComfyUI's per-layer `comfy_quant` layout (which ComfyUI, Forge and this app read)."""
+    save_state_dict(comfy_quant_state_dict(model.state_dict(), prefix="net."), path)

@@ -29,8 +29,11 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
+from .gguf_file import has_llama_cpp_names, llama_cpp_to_qwen3
 from .prompt import parse_prompt_weights
-from .weights import load_module_strict, open_state_dict, require_kind, required_shape, strip_prefix
+from .quant import QuantizationError
+from .weights import (WeightsError, load_module_strict, open_state_dict, require_kind, required_shape,
+                      source_name, strip_prefix)
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +159,14 @@ def load_text_encoder(source: str | os.PathLike | Mapping[str, Tensor], dtype: t
     `dtype` is the compute dtype. float32 (default) reproduces ComfyUI, which runs this model with fp32
     activations; it needs 0.6 B params * 4 bytes = 2.4 GB of memory (the bf16 file is 1.2 GB).
     bfloat16 halves that and drifts slightly from the reference (as diffusers does).
+    Quantized files (ComfyUI fp8/int8, GGUF from llama.cpp with its tensor names) stay quantized.
     Raises WeightsError for a missing, corrupt or wrong file (e.g. the DiT or the VAE)."""
     sd = open_state_dict(source, what=WHAT)
+    if has_llama_cpp_names(sd):
+        try:
+            sd = llama_cpp_to_qwen3(sd)
+        except QuantizationError as error:
+            raise WeightsError(f"{source_name(source)} is not a Qwen3 text encoder: {error}.") from None
     require_kind(sd, "qwen3_text_encoder", what=WHAT, source=source)
     sd = strip_prefix(sd, ("model.",))
     config = TextEncoderConfig.from_state_dict(sd).to_qwen3_config()

@@ -1,9 +1,10 @@
-"""Reading safetensors checkpoints and loading them strictly into modules built on the meta device.
+"""Reading checkpoints (safetensors, GGUF) and loading them strictly into modules built on the meta device.
 
 Files are memory-mapped copy-on-write and each tensor is a zero-copy view of the mapping, so opening a
 4 GB checkpoint costs no RAM until a tensor is touched, and loading it in its own dtype on the CPU keeps
-peak RAM near the file size (no second copy). Every user-facing failure is a `WeightsError` whose message
-names the file and what is wrong with it.
+peak RAM near the file size (no second copy). Quantized layers (`quant.py`, `gguf_file.py`) arrive as one
+QuantizedWeight per layer and stay quantized in the module. Every user-facing failure is a `WeightsError`
+whose message names the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .gguf_file import GGUFError, read_gguf
+from .quant import QuantizationError, QuantizedWeight, pack_quantized, wrap_fp8_cast
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -47,19 +51,36 @@ def source_name(source: object) -> str:
 
 
 def open_state_dict(source: str | os.PathLike | Mapping[str, Tensor], *, what: str) -> dict[str, Tensor]:
-    """Tensors of a `.safetensors` file as zero-copy CPU views of a private memory map, or `source` itself
-    when it is already a mapping. `what` names the expected content in error messages ("Anima DiT")."""
+    """Tensors of a `.safetensors` or `.gguf` file as zero-copy CPU views of a private memory map, or
+    `source` itself when it is already a mapping. Quantized layers in any layout `quant.py` and
+    `gguf_file.py` read become one QuantizedWeight under `<layer>.weight`. `what` names the expected content
+    in error messages ("Anima DiT")."""
     if isinstance(source, Mapping):
-        return dict(source)
-    path = Path(source)
-    if not path.is_file():
-        raise WeightsError(f"{what} weights not found: '{path}' does not exist.")
+        sd, metadata = dict(source), {}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise WeightsError(f"{what} weights not found: '{path}' does not exist.")
+        if path.suffix.lower() == ".gguf":
+            try:
+                return read_gguf(path)[0]
+            except GGUFError as error:
+                raise WeightsError(str(error)) from None
+        sd, metadata = _open_safetensors(path, what)
+    try:
+        return pack_quantized(sd, metadata)
+    except QuantizationError as error:
+        raise WeightsError(f"{source_name(source)}: the quantized {what} weights are unusable: {error}.") from None
+
+
+def _open_safetensors(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         header = _read_header(f, size, path, what)
         if size == 0:
-            return {}
+            return {}, {}
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + int.from_bytes(mapping[:8], "little")
     tensors = {}
     for name, entry in header.items():
@@ -70,7 +91,7 @@ def open_state_dict(source: str | os.PathLike | Mapping[str, Tensor], *, what: s
             continue
         flat = torch.frombuffer(mapping, dtype=dtype, count=count // dtype.itemsize, offset=data_start + begin)
         tensors[name] = flat.view(shape)
-    return tensors
+    return tensors, metadata
 
 
 def _read_header(f, size: int, path: Path, what: str) -> dict:
@@ -90,7 +111,9 @@ def _read_header(f, size: int, path: Path, what: str) -> dict:
         raise not_safetensors from None
     if not isinstance(header, dict):
         raise not_safetensors
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise not_safetensors
     data_size = size - 8 - header_len
     for name, entry in header.items():
         try:
@@ -106,6 +129,8 @@ def _read_header(f, size: int, path: Path, what: str) -> dict:
                                f"{8 + header_len + end}); delete it and download it again.")
         if end - begin != numel * dtype.itemsize or begin > end:
             raise WeightsError(f"'{path}' is corrupt: tensor '{name}' has the wrong number of bytes.")
+    if metadata is not None:
+        header["__metadata__"] = metadata
     return header
 
 
@@ -153,15 +178,66 @@ def load_module_strict(module: nn.Module, sd: Mapping[str, Tensor], *, dtype: to
                        device: torch.device | str, what: str) -> nn.Module:
     """Assign `sd` to `module` (built on the meta device) after checking it matches key for key and
     shape for shape. Floating tensors are cast to `dtype`; views of the file are kept when nothing
-    needs converting. Returns the module in eval mode without gradients."""
+    needs converting; quantized weights stay quantized (they compute in `dtype`). Returns the module in
+    eval mode without gradients."""
     check_layout(sd, {k: tuple(t.shape) for k, t in module.state_dict().items()},
                  f"The {what} weights do not match the model")
+    sd = _place_quantized(module, sd, what)
     converted = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
     module.load_state_dict(converted, strict=True, assign=True)
     still_meta = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
     if still_meta:
         raise RuntimeError(f"{what}: these tensors were not initialised by loading: {still_meta[:5]}")
     return module.requires_grad_(False).eval()
+
+
+def _place_quantized(module: nn.Module, sd: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+    """Check that quantized tensors are Linear or Embedding weights (which dequantize per call); the rest of
+    a model (norms, biases...) must be in full precision. A plain fp8 Linear weight (a file cast to fp8
+    without scales) is kept in fp8 too."""
+    out = dict(sd)
+    expected = module.state_dict()
+    for key, tensor in sd.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise WeightsError(f"The {what} weights have '{key}' as {tensor.dtype} with no scale or quantization "
+                               "config; the file is incomplete or in a layout this app does not know.")
+        module_name, _, param = key.rpartition(".")
+        target = module.get_submodule(module_name)
+        is_weight = param == "weight" and isinstance(target, (nn.Linear, nn.Embedding))
+        if isinstance(tensor, QuantizedWeight) and not is_weight:
+            raise WeightsError(f"The {what} weights have '{key}' quantized, but this tensor must be in full "
+                               "precision; the file was quantized wrongly. Use another file.")
+        if is_weight and isinstance(target, nn.Linear) and tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            out[key] = wrap_fp8_cast(tensor)
+    return out
+
+
+def save_state_dict(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `tensors` as a safetensors file, one tensor at a time (no second copy of the model in RAM),
+    into a temporary file renamed over `path` at the end, so an interrupted write leaves nothing behind."""
+    codes = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": codes[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little") + encoded)
+            for tensor in tensors.values():
+                if tensor.numel():
+                    f.write(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
 
 
 def check_layout(sd: Mapping[str, Tensor], layout: Mapping[str, tuple[int, ...]], context: str) -> None:
