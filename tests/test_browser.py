@@ -112,7 +112,7 @@ def _wait_status(page, text: str) -> None:
 def test_generate_shows_the_image_in_the_gallery(page, server):
     _set_field(page, "prompt", "1girl, smile, cherry blossoms")
     _set_field(page, "resolution", "64x48")
-    _set_field(page, "steps", 2)
+    _set_field(page, "num_inference_steps", 2)
     _set_field(page, "seed", 123)
     page.click("#generate-btn")
     thumb = page.locator("#gallery .thumbnail-item img").first
@@ -136,7 +136,7 @@ def test_long_run_aborts_and_the_queue_can_be_edited(page, server):
     before = _outputs(server)
     _set_field(page, "prompt", "long run")
     _set_field(page, "resolution", "512x512")
-    _set_field(page, "steps", 100)
+    _set_field(page, "num_inference_steps", 100)
     page.click("#generate-btn")
     _wait_status(page, "Step")
     _set_field(page, "prompt", "queued while busy")

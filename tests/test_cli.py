@@ -82,7 +82,7 @@ def test_process_runs_a_list_and_reports_unknown_keys(capsys, ckpts, tmp_path):
     paths, err = gen(capsys, ckpts, tmp_path / "out", "--process", tmp_path / "tasks.json")
     names = [NAME.fullmatch(p.name).groups() for p in paths]
     assert names == [("5", "first", None), ("5", "first", "1"), ("9", "second", None)]
-    assert [read_image_settings(p)["seed"] for p in paths] == [5, 6, 9]  # image i of a batch: seed + i
+    assert [read_image_settings(p)[0]["seed"] for p in paths] == [5, 6, 9]  # image i of a batch: seed + i
     with Image.open(paths[2]) as im:
         assert im.size == (48, 32)
     assert "task 1: ignored unknown setting(s): mystery" in err
@@ -94,7 +94,7 @@ def test_prompts_file_applies_inline_overrides(capsys, ckpts, tmp_path):
         "dog --d 8 --l 1\n"
     )
     paths, _ = gen(capsys, ckpts, tmp_path / "out", "--prompts-file", tmp_path / "prompts.txt", *FAST)
-    first, second = (read_image_settings(p) for p in paths)
+    first, second = (read_image_settings(p)[0] for p in paths)
     assert (first["prompt"], first["resolution"], first["seed"], first["num_inference_steps"],
             first["negative_prompt"]) == ("cat girl", "48x32", 7, 1, "lowres")
     assert (second["prompt"], second["resolution"], second["seed"], second["guidance_scale"],
@@ -109,7 +109,7 @@ def test_image_metadata_remakes_the_same_pixels(capsys, ckpts, tmp_path):
     own seed, comes out the same when made alone."""
     batch = gen(capsys, ckpts, tmp_path / "a", "--prompt", "remake me", "--seed", 77, "--batch-size", 2, *FAST)[0]
     assert pixels(batch[0]) != pixels(batch[1])
-    (tmp_path / "first.json").write_text(json.dumps(read_image_settings(batch[0])))
+    (tmp_path / "first.json").write_text(json.dumps(read_image_settings(batch[0])[0]))
     [from_json] = gen(capsys, ckpts, tmp_path / "b", "--process", tmp_path / "first.json")[0]
     [from_image] = gen(capsys, ckpts, tmp_path / "c", "--process", batch[1])[0]
     assert pixels(from_json) == pixels(batch[0]) and pixels(from_image) == pixels(batch[1])
@@ -154,15 +154,17 @@ def _json_file(folder: Path, data) -> Path:
 
 def test_jpeg_output_carries_the_settings_too(capsys, ckpts, tmp_path):
     [path] = gen(capsys, ckpts, tmp_path, "--prompt", "x", "--seed", 3, "--image-format", "jpeg", *FAST)[0]
-    assert path.suffix == ".jpg" and read_image_settings(path)["seed"] == 3
+    assert path.suffix == ".jpg" and read_image_settings(path)[0]["seed"] == 3
 
 
 def test_dry_run_validates_without_loading_or_writing(capsys, ckpts, tmp_path):
     (tmp_path / "tasks.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "model_type": "anima_preview"}]))
     code, lines, err = run(capsys, "--ckpts-dir", tmp_path / "empty", "--output-dir", tmp_path / "out",
                            "--process", tmp_path / "tasks.json", "--dry-run")
-    assert code == 0 and len(lines) == 2 and all(" OK: anima_preview, 1024x1024, 30 steps" in l for l in lines)
-    assert not (tmp_path / "out").exists()
+    assert code == 0 and len(lines) == 3 and all(" OK: anima_preview, 1024x1024, 30 steps" in l for l in lines[:2])
+    assert lines[2] == (f"note: anima_preview will first download anima-preview.safetensors, qwen_3_06b_base."
+                        f"safetensors, qwen_image_vae.safetensors into {tmp_path / 'empty'}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "empty").exists()
 
 
 def _bad(capsys, ckpts, tmp_path, *argv):
@@ -178,7 +180,7 @@ def _bad(capsys, ckpts, tmp_path, *argv):
     (["--resolution", "1000x1000"], "multiples of 16"),
     (["--resolution", "100000x100000"], "too large"),
     (["--batch-size", "0"], "batch_size must be between 1 and"),
-    (["--sampler", "magic"], "Unknown sampler 'magic'"),
+    (["--sampler", "magic"], "sample_solver 'magic' is not available"),
     (["--model", "sdxl"], "Unknown model_type 'sdxl'"),
     (["--attention", "warp"], "Unknown attention mode 'warp'"),
     (["--dtype", "int4"], "invalid choice: 'int4'"),
@@ -195,9 +197,15 @@ def test_bad_process_files_exit_1_with_one_clear_line(capsys, ckpts, tmp_path):
     assert "not found" in _bad(capsys, ckpts, tmp_path, "--process", tmp_path / "missing.json")
 
 
-def test_missing_weights_offline_is_one_clear_line(capsys, tmp_path):
-    line = _bad(capsys, tmp_path / "empty_ckpts", tmp_path, "--prompt", "x", *FAST)
-    assert "anima-preview.safetensors" in line
+def test_missing_weights_offline_are_named_all_at_once(capsys, tmp_path):
+    code, lines, err = run(capsys, "--ckpts-dir", tmp_path / "empty", "--output-dir", tmp_path / "out",
+                           "--prompt", "x", *FAST)
+    assert code == 1 and lines == [] and "Traceback" not in err
+    message = err[err.index("error: "):].splitlines()
+    assert message[0].startswith("error: 3 weight files are missing and cannot be downloaded")
+    assert [line.split("  ->  ")[1] for line in message[1:]] == [
+        str(tmp_path / "empty" / name) for name in
+        ("anima-preview.safetensors", "qwen_3_06b_base.safetensors", "qwen_image_vae.safetensors")]
 
 
 def test_truncated_weights_are_one_clear_line(capsys, ckpts, tmp_path):
