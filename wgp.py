@@ -56,12 +56,17 @@ def _terminated(signum, frame):
 
 def _run(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    batch = bool(args.process or args.prompt is not None or args.prompts_file)
+    if not batch:
+        from shared.cli_args import server_port
+
+        server_port(args)  # a bad $SERVER_PORT is reported before anything heavy loads
     from shared.attention import set_attention_mode
 
     set_attention_mode(args.attention)
     registry = load_registry()
     runtime = make_runtime(args, registry)
-    if args.process or args.prompt is not None or args.prompts_file:
+    if batch:
         from shared.batch import run_batch
 
         return run_batch(args, registry, runtime)

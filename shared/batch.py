@@ -15,6 +15,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from shared.cli_args import generation_overrides
+from shared.files import check_ckpts_dir
 from shared.images import IMAGE_FORMATS, check_output_dir, read_image_settings
 from shared.prompts_file import read_prompts_file
 from shared.runtime import USER_ERRORS, Runtime, SavedImage, StepInfo
@@ -93,6 +94,7 @@ def run_batch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtim
     out, err = out or sys.stdout, err or sys.stderr
     checked = check_tasks(args, registry, runtime, err=err)
     check_output_dir(runtime.options.output_dir)
+    check_ckpts_dir(runtime.options.ckpts_dir)
     failed = [item for item in checked if item.error]
     for item in failed:
         print(f"error: {item.error}", file=err)

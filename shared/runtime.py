@@ -232,7 +232,7 @@ class Runtime:
         if not bool(torch.isfinite(images).all()):
             raise GenerationError(f"The decoded image holds NaN or infinite values, so nothing was saved; "
                                   f"{NON_FINITE_HINT}.")
-        return self._save_all(images, task, loras, on_saved)
+        return self._save_all(images, task, prompt, loras, on_saved)
 
     def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable) -> dict[str, Any]:
         """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2): the schema's
@@ -246,8 +246,9 @@ class Runtime:
         )
         return kwargs
 
-    def _save_all(self, images: Tensor, task: Task, loras: list[TaskLora],
+    def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],
                   on_saved: Callable[[SavedImage], None] | None) -> list[SavedImage]:
+        """Save each image as it comes; `prompt` (without LoRA tags) names the files."""
         entry = self.registry.entry(task.model_type)
         weights_name = Path(str((entry.definition.get("URLs") or [entry.model_type])[0])).stem
         lora_info = [(lora.name if lora.from_tag else lora.path.stem, lora.strength, lora_short_hash(lora.path))
@@ -263,7 +264,7 @@ class Runtime:
             parameters = a1111_parameters(settings, model_name=weights_name, loras=lora_info, version=APP_VERSION,
                                           schema=task.schema)
             path = save_image(tensor_to_pil(images[:, i]), self.options.output_dir,
-                              stem=image_stem(when, task["seed"], task["prompt"], i), fmt=self.options.image_format,
+                              stem=image_stem(when, task["seed"], prompt, i), fmt=self.options.image_format,
                               parameters=parameters, settings=settings)
             image = SavedImage(path, own["seed"], settings, parameters)
             saved.append(image)

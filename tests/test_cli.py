@@ -17,6 +17,7 @@ from PIL import Image
 
 import wgp
 from shared.images import read_image_metadata, read_image_settings
+from tests.tiny_ckpts import write_tiny_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--resolution", "64x64", "--steps", "2"]
@@ -115,22 +116,10 @@ def test_image_metadata_remakes_the_same_pixels(capsys, ckpts, tmp_path):
     assert pixels(from_json) == pixels(batch[0]) and pixels(from_image) == pixels(batch[1])
 
 
-def _write_tiny_lora(path: Path) -> None:
-    """A kohya-format LoRA on the tiny DiT's first query projection (64 wide), strong enough to show."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    key = "lora_unet_blocks_0_self_attn_q_proj"
-    save_file({f"{key}.lora_down.weight": torch.randn(4, 64, generator=g).to(torch.bfloat16),
-               f"{key}.lora_up.weight": torch.randn(64, 4, generator=g).to(torch.bfloat16),
-               f"{key}.alpha": torch.tensor(4.0, dtype=torch.bfloat16)}, str(path))
-
-
 def test_loras_are_applied_and_recorded_in_the_metadata(capsys, ckpts, tmp_path):
     loras = tmp_path / "loras"
     loras.mkdir()
-    _write_tiny_lora(loras / "style.safetensors")
+    write_tiny_lora(loras / "style.safetensors")
     task = {"model_type": "anima_preview", "prompt": "with lora", "seed": 4, "resolution": "64x64",
             "num_inference_steps": 2, "activated_loras": ["style.safetensors"], "loras_multipliers": "0.8"}
     (tmp_path / "lora.json").write_text(json.dumps(task))
@@ -218,7 +207,8 @@ def test_truncated_weights_are_one_clear_line(capsys, ckpts, tmp_path):
     assert "anima-preview.safetensors" in line
 
 
-def test_sigint_to_a_real_process_exits_130(ckpts, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_a_real_process_exits_130_and_leaves_no_file(ckpts, tmp_path, sig):
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "wgp.py"), "--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path),
          "--prompt", "x", "--resolution", "64x64", "--steps", "1000"],
@@ -229,10 +219,150 @@ def test_sigint_to_a_real_process_exits_130(ckpts, tmp_path):
         char = proc.stderr.read(1)
         assert char, f"wgp.py ended early: {seen}"
         seen += char
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130 and rest.strip().splitlines()[-1] == "Interrupted."
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_checks_every_task_first_then_runs_the_good_ones(ckpts, tmp_path):
+    """A real process on a list of five tasks: the two with bad LoRA names fail before anything is generated
+    (one would leave the LoRA folder), the one whose LoRA strength overflows stops at its first NaN step and
+    saves nothing, the other two are saved (with the umask's permissions, each path printed), and the exit
+    code says that some failed. A prompt's <lora:...> tag gets its hash in the metadata."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_tiny_lora(loras / "style.safetensors")
+    write_tiny_lora(tmp_path / "outside.safetensors")
+    base = {"model_type": "anima_preview", "resolution": "64x64", "num_inference_steps": 2, "seed": 1}
+    tasks = [dict(base, prompt="good one"),
+             dict(base, prompt="leaves the folder", activated_loras=["../outside"]),
+             dict(base, prompt="missing lora", activated_loras=["nope"]),
+             dict(base, prompt="overflow", activated_loras=["style"], loras_multipliers="1e38"),
+             dict(base, prompt="tagged <lora:style:0.5>")]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "wgp.py"), "--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path / "out"),
+         "--lora-dir", str(loras), "--process", str(tmp_path / "tasks.json")],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=loras,
+        preexec_fn=lambda: os.umask(0o027), timeout=300,
+    )
+    err = result.stderr
+    assert result.returncode == 1 and "Traceback" not in err, err
+    where = f"{tmp_path / 'tasks.json'} task"
+    assert f"error: {where} 2: LoRA '../outside': a LoRA name must stay inside the LoRA folder" in err
+    assert f"error: {where} 3: LoRA 'nope' not found in the LoRA folder" in err
+    assert err.index(f"{where} 3: LoRA 'nope'") < err.index("[4/5]")  # reported before any generation
+    assert re.search(rf"error: {re.escape(where)} 4: The sampler produced NaN or infinite values at step 1 ", err)
+    assert err.rstrip().endswith(f"error: 3 of 5 tasks failed ({where} 2, {where} 3, {where} 4); the others ran.")
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert [NAME.fullmatch(p.name).group(2) for p in paths] == ["good-one", "tagged"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in paths)
+    parameters = read_image_metadata(paths[1])[1]
+    assert parameters.splitlines()[0] == "tagged <lora:style:0.5>"
+    assert re.search(r'Lora hashes: "style: [0-9a-f]{12}"', parameters)
+
+
+def test_the_output_folder_is_checked_before_generating(capsys, ckpts, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    line = _bad(capsys, ckpts, tmp_path, "--output-dir", tmp_path / "file" / "out", "--prompt", "x", *FAST)
+    assert line == f"error: The output folder {tmp_path / 'file' / 'out'} lies under {tmp_path / 'file'}, " \
+                   "which is a file: choose a folder with --output-dir."
+    from shared import images
+
+    monkeypatch.setattr(images.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1 << 20}))
+    line = _bad(capsys, ckpts, tmp_path, "--output-dir", tmp_path / "out", "--prompt", "x", *FAST)
+    assert "is full (1 MiB free)" in line and not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_names_the_image_and_leaves_no_temporary_file(capsys, ckpts, tmp_path, monkeypatch):
+    import errno
+
+    from shared import images
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images, "_encode", disk_full)
+    line = _bad(capsys, ckpts, tmp_path, "--output-dir", tmp_path / "out", "--prompt", "x", "--seed", 5, *FAST)
+    assert re.fullmatch(rf"error: Cannot save [\w-]+_seed5_x\.png in {re.escape(str(tmp_path / 'out'))}: "
+                        r"No space left on device\.", line)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_encode", interrupted)
+    code, lines, err = run(capsys, "--ckpts-dir", ckpts, "--output-dir", tmp_path / "out", "--prompt", "x", *FAST)
+    assert code == 130 and list((tmp_path / "out").iterdir()) == []
+
+
+def test_low_memory_frees_the_text_encoder_after_encoding(ckpts, tmp_path):
+    args = wgp.parse_args(["--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path), "--low-memory"])
+    registry = wgp.load_registry()
+    runtime = wgp.make_runtime(args, registry)
+    from shared.settings import resolve_task
+
+    task, _ = resolve_task(registry, {"prompt": "x", "resolution": "64x64", "num_inference_steps": 1},
+                           model_type="anima_preview")
+    assert len(runtime.generate(task)) == 1
+    model = runtime.load("anima_preview")
+    assert model.low_memory and model.text_encoder is None
+
+
+def test_an_a1111_image_from_forge_is_read_with_its_names_and_unreadable_values_are_named(capsys, tmp_path):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "cat\nSteps: many, Sampler: Euler a, Schedule type: Simple, CFG scale: 5, "
+                                "Seed: 9, Size: 64x64, Model: x")
+    Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
+    code, lines, err = run(capsys, "--ckpts-dir", tmp_path, "--output-dir", tmp_path / "out", "--process",
+                           tmp_path / "forge.png", "--dry-run")
+    assert code == 0 and lines[0] == "task 1/1 OK: anima_preview, 64x64, 30 steps, CFG 5, euler_a, seed 9, batch 1: 'cat'"
+    assert "the image's 'Steps: many' cannot be read; the model's default num_inference_steps is used" in err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("deep.json", "[" * 50_000 + "]" * 50_000, "is nested too deeply"),
+    ("nul.json", json.dumps({"model_type": "anima_preview", "prompt": "a\u0000b"}), "prompt contains a NUL"),
+    ("nan.json", '{"model_type": "anima_preview", "guidance_scale": NaN}', "guidance_scale must be a finite number"),
+])
+def test_hostile_settings_files_are_one_clear_line(capsys, ckpts, tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    assert message in _bad(capsys, ckpts, tmp_path, "--process", tmp_path / name, "--dry-run")
+
+
+def test_a_bom_settings_file_runs_and_a_ckpts_dir_that_is_a_file_is_refused(capsys, ckpts, tmp_path):
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "x"}).encode())
+    code, lines, _ = run(capsys, "--ckpts-dir", ckpts, "--process", tmp_path / "bom.json", "--dry-run")
+    assert code == 0 and lines[0].startswith("task 1/1 OK")
+    (tmp_path / "weights").write_text("not a folder")
+    line = _bad(capsys, tmp_path / "weights", tmp_path, "--process", tmp_path / "bom.json", "--dry-run")
+    assert "is not a folder" in line and (tmp_path / "weights").read_text() == "not a folder"
+
+
+def test_help_is_quick_and_names_the_app_folders(tmp_path):
+    """--help imports neither torch nor gradio, and the default folders are the app's, from any folder."""
+    probe = ("import sys, wgp\ntry:\n    wgp.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'gradio', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+    assert out.splitlines()[-1] == "[]"
+    text = " ".join(out.split())
+    assert f"(default: {ROOT / 'ckpts'})" in text and f"(default: {ROOT / 'outputs'})" in text
+    assert "inline --n --w --h --s --l --g --fs --d overrides" in text
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--server-port", "99999"], {}, "argument --server-port: must be a port number from 1 to 65535, got '99999'"),
+    ([], {"SERVER_PORT": "abc"}, "The environment variable SERVER_PORT must be a port number from 1 to 65535, got 'abc'"),
+])
+def test_bad_ports_are_one_line_before_anything_loads(argv, env, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "wgp.py"), *argv], capture_output=True, text=True,
+                            env=dict(os.environ, **env), cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [f"error: {message}" + (
+        " (see --help)" if argv else " (or pass --server-port).")]
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -252,5 +382,6 @@ def test_help_lists_every_flag(capsys):
     assert done.value.code == 0
     for flag in ("--process", "--prompts-file", "--prompt", "--ckpts-dir", "--output-dir", "--lora-dir",
                  "--attention", "--profile", "--dtype", "--image-format", "--listen", "--server-port", "--dry-run",
-                 "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler"):
+                 "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler", "--lora",
+                 "--lora-multipliers", "--low-memory"):
         assert flag in text
