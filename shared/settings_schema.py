@@ -58,11 +58,17 @@ class Rule:
 
     def range_text(self) -> str:
         """'between 1 and 1000', 'above 0 and at most 100', ... ('' without bounds)."""
+        low, high = _plain(self.low), _plain(self.high)
         if self.low is not None and self.high is not None and not self.low_open:
-            return f"between {self.low:g} and {self.high:g}"
-        parts = [] if self.low is None else [f"above {self.low:g}" if self.low_open else f"at least {self.low:g}"]
-        parts += [] if self.high is None else [f"at most {self.high:g}"]
+            return f"between {low} and {high}"
+        parts = [] if self.low is None else [f"above {low}" if self.low_open else f"at least {low}"]
+        parts += [] if self.high is None else [f"at most {high}"]
         return " and ".join(parts)
+
+
+def _plain(number: float | None) -> str:
+    """4294967295 stays 4294967295 (not 4.29497e+09); 0.5 stays 0.5."""
+    return "" if number is None else str(int(number)) if float(number).is_integer() else f"{number:g}"
 
 
 def _choice_key(text: Any) -> str:

@@ -301,6 +301,10 @@ class WebApp:
         gr.Info(" ".join(["Settings restored from the image.", *(w[0].upper() + w[1:] + "." for w in warnings)]))
         return self.field_updates(model_type, task.settings())
 
+    def on_drop(self, path: str | None, current_model: str):
+        """`on_restore`, then the drop zone emptied for the next file."""
+        return [*self.on_restore(path, current_model), None]
+
     # ------------------------------------------------------------------------------------- actions
 
     def on_generate(self, model_type: str, *values: Any) -> None:
@@ -447,7 +451,8 @@ def build_ui(app: WebApp) -> gr.Blocks:
         random_seed, last_seed = controls.seed_buttons
         random_seed.click(lambda: -1, None, seed, show_progress="hidden")
         last_seed.click(app.last_seed, seed, seed, show_progress="hidden")
-        left["dropped"].upload(app.on_restore, [left["dropped"], model], model_outputs, show_progress="hidden")
+        left["dropped"].upload(app.on_drop, [left["dropped"], model], [*model_outputs, left["dropped"]],
+                               show_progress="hidden")
         loras = next(controls.components[s.key] for s in controls.settings if s.ui == "loras")
         loras.focus(app.refresh_loras, [model, loras], loras, show_progress="hidden")  # picks up new files
         loras.change(controls.on_loras_change, [loras, *controls.strengths], controls.strengths,
