@@ -67,8 +67,8 @@ class Rule:
 
 
 def _plain(number: float | None) -> str:
-    """4294967295 stays 4294967295 (not 4.29497e+09); 0.5 stays 0.5."""
-    return "" if number is None else str(int(number)) if float(number).is_integer() else f"{number:g}"
+    """The shortest exact text of a number: 4294967295 (not 4.29497e+09), 3 (not 3.0), 0.123456789."""
+    return "" if number is None else str(int(number)) if float(number).is_integer() else repr(float(number))
 
 
 def _choice_key(text: Any) -> str:
@@ -205,7 +205,8 @@ class Setting:
             if rule.choices:
                 return self._choose(text, rule)
             if rule.pattern and not re.fullmatch(rule.pattern, text):
-                raise SettingsError(f"{key} must be {self.pattern_help or 'text matching ' + rule.pattern}, got {text!r}.")
+                wanted = self.pattern_help or f"text matching {rule.pattern}"
+                raise SettingsError(f"{key} must be {wanted}, got {text!r}.")
             return text
         if self.type == "resolution":
             width, height = parse_resolution(value, rule.multiple, key)
@@ -227,7 +228,7 @@ class Setting:
                 raise SettingsError(f"{key} must be numbers separated by spaces, got {value!r}.") from None
             if not all(math.isfinite(n) for n in numbers):
                 raise SettingsError(f"{key} must be finite numbers, got {value!r}.")
-            return " ".join(f"{n:g}" for n in numbers)
+            return " ".join(_plain(n) for n in numbers)
         # file: a path to an existing file, or None
         if value in (None, ""):
             return None
@@ -250,7 +251,7 @@ class Setting:
     # --------------------------------------------------------------------------------- metadata
 
     def a1111_value(self, value: Any) -> str:
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return _plain(value) if isinstance(value, float) else str(value)
 
     def json_extras(self, value: Any) -> dict[str, Any]:
         """Extra JSON entries recorded beside the value: a file's SHA-256, so a re-make can tell it changed."""

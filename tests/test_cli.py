@@ -319,7 +319,8 @@ def test_an_a1111_image_from_forge_is_read_with_its_names_and_unreadable_values_
     Image.new("RGB", (8, 8)).save(tmp_path / "forge.png", pnginfo=info)
     code, lines, err = run(capsys, "--ckpts-dir", tmp_path, "--output-dir", tmp_path / "out", "--process",
                            tmp_path / "forge.png", "--dry-run")
-    assert code == 0 and lines[0] == "task 1/1 OK: anima_preview, 64x64, 30 steps, CFG 5, euler_a, seed 9, batch 1: 'cat'"
+    assert code == 0
+    assert lines[0] == "task 1/1 OK: anima_preview, 64x64, 30 steps, CFG 5, euler_a, seed 9, batch 1: 'cat'"
     assert "the image's 'Steps: many' cannot be read; the model's default num_inference_steps is used" in err
 
 
@@ -356,7 +357,8 @@ def test_help_is_quick_and_names_the_app_folders(tmp_path):
 
 @pytest.mark.parametrize("argv, env, message", [
     (["--server-port", "99999"], {}, "argument --server-port: must be a port number from 1 to 65535, got '99999'"),
-    ([], {"SERVER_PORT": "abc"}, "The environment variable SERVER_PORT must be a port number from 1 to 65535, got 'abc'"),
+    ([], {"SERVER_PORT": "abc"},
+     "The environment variable SERVER_PORT must be a port number from 1 to 65535, got 'abc'"),
 ])
 def test_bad_ports_are_one_line_before_anything_loads(argv, env, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "wgp.py"), *argv], capture_output=True, text=True,
@@ -385,3 +387,20 @@ def test_help_lists_every_flag(capsys):
                  "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler", "--lora",
                  "--lora-multipliers", "--low-memory"):
         assert flag in text
+
+
+def test_a_nan_image_is_an_error_and_nothing_is_saved(ckpts, tmp_path):
+    """An overflow that only shows after decoding (e.g. an fp16 VAE on a GPU) is caught before saving."""
+    import torch
+
+    from shared.runtime import GenerationError
+    from shared.settings import resolve_task
+
+    registry = wgp.load_registry()
+    runtime = wgp.make_runtime(wgp.parse_args(["--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path)]), registry)
+    model = runtime.load("anima_preview")
+    model.generate = lambda **kwargs: {"x": torch.full((3, 1, 64, 64), float("nan")), "seed": kwargs["seed"]}
+    task, _ = resolve_task(registry, {"prompt": "x", "resolution": "64x64"}, model_type="anima_preview")
+    with pytest.raises(GenerationError, match="decoded image holds NaN or infinite values, so nothing was saved"):
+        runtime.generate(task)
+    assert list(tmp_path.iterdir()) == []
