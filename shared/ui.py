@@ -331,8 +331,10 @@ class WebApp:
             parameters = None
         return parameters or "(this image carries no settings)", path
 
-    def refresh_loras(self, model_type: str, active: list[str] | None):
-        return gr.update(choices=list_loras(self.runtime.lora_dir(model_type)), value=active or [])
+    def refresh_loras(self, model_type: str):
+        """The LoRA choices, re-read from the folder (files added meanwhile); the chosen ones are left alone,
+        so a pick made while this answer travels is not undone."""
+        return gr.update(choices=list_loras(self.runtime.lora_dir(model_type)))
 
     def last_seed(self, current: Any) -> Any:
         """The seed the last finished task used (its first image's), for the "Last used" button."""
@@ -454,7 +456,7 @@ def build_ui(app: WebApp) -> gr.Blocks:
         left["dropped"].upload(app.on_drop, [left["dropped"], model], [*model_outputs, left["dropped"]],
                                show_progress="hidden")
         loras = next(controls.components[s.key] for s in controls.settings if s.ui == "loras")
-        loras.focus(app.refresh_loras, [model, loras], loras, show_progress="hidden")  # picks up new files
+        loras.focus(app.refresh_loras, model, loras, show_progress="hidden")  # picks up new files
         loras.change(controls.on_loras_change, [loras, *controls.strengths], controls.strengths,
                      show_progress="hidden")
         right["clear"].click(app.queue.clear, None, None, show_progress="hidden")

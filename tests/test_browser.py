@@ -118,6 +118,20 @@ def _wait_status(page, text: str) -> None:
     page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text)
 
 
+def _open_loras(page) -> None:
+    if not page.locator("#activated_loras").is_visible():
+        page.locator("button", has_text="LoRAs").first.click()
+    page.locator("#activated_loras").wait_for()
+
+
+def _clear_loras(page) -> None:
+    _open_loras(page)
+    if page.locator("#activated_loras .remove-all").count():
+        page.locator("#activated_loras .remove-all").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.lora-strength')]"
+                           ".filter(e => e.offsetParent !== null).length === 0")
+
+
 def _toast(page, text: str) -> str:
     toast = page.locator(".toast-body", has_text=text).last
     toast.wait_for()
@@ -221,7 +235,7 @@ def test_a_lora_name_outside_the_folder_is_refused_without_a_look_at_the_disk(pa
 
 
 def test_each_chosen_lora_gets_its_own_strength(page, server):
-    page.locator("button", has_text="LoRAs").first.click()
+    _open_loras(page)
     loras = page.locator("#activated_loras input")
     for name in ("style.safetensors", "detail.safetensors"):
         loras.click()
@@ -250,9 +264,7 @@ def test_a_failed_task_shows_its_whole_message(page, server):
     """A LoRA made for another model passes the file check and fails when merged: the status card shows
     the full message (wrapped, not cut with an ellipsis)."""
     loras = page.locator("#activated_loras input")
-    page.locator("#activated_loras .remove-all").click()
-    page.wait_for_function("() => [...document.querySelectorAll('.lora-strength')]"
-                           ".filter(e => e.offsetParent !== null).length === 0")
+    _clear_loras(page)
     loras.click()
     page.locator("[role=option]", has_text="wrong_size.safetensors").click()
     page.keyboard.press("Escape")
@@ -262,7 +274,7 @@ def test_a_failed_task_shows_its_whole_message(page, server):
     text = detail.inner_text()
     assert "does not fit this model" in text and "made for another model" in text
     assert detail.evaluate("e => e.scrollWidth <= e.clientWidth && getComputedStyle(e).whiteSpace") == "pre-wrap"
-    page.locator("#activated_loras .remove-all").click()
+    _clear_loras(page)
 
 
 def test_dropping_a_file_that_is_not_an_image_warns_and_leaves_every_field_usable(page, server):
@@ -335,13 +347,16 @@ def test_a_second_server_on_the_same_port_says_which_flag_to_use(server, tmp_pat
 
 def test_ctrl_c_during_a_generation_exits_130(page, server):
     """Last: it stops the server. The running step ends and the process exits cleanly, not by SIGABRT."""
-    if page.locator("#activated_loras .remove-all").count():
-        page.locator("#activated_loras .remove-all").click()  # the last Generate stored the misfit LoRA
+    _clear_loras(page)  # the last Generate stored the misfit LoRA
     _set_field(page, "prompt", "long run")
     _set_field(page, "resolution", "512x512")
     _set_field(page, "num_inference_steps", 200)
+    last_job = int(re.search(r"#(\d+)", page.inner_text("#status .line")).group(1))
+    job = f"#{last_job + 1} "
     page.click("#generate-btn")
-    _wait_status(page, "Step")
+    page.wait_for_function("j => { const t = document.querySelector('#status .line').innerText;"
+                           " return t.includes(j) && /Step|failed/.test(t); }", arg=job)
+    assert "Step" in page.inner_text("#status"), page.inner_text("#status")
     server["proc"].send_signal(signal.SIGINT)
     assert server["proc"].wait(timeout=60) == 130
     assert server["log"].read_text().rstrip().endswith("Interrupted.")
