@@ -57,10 +57,10 @@ def _terminated(signum, frame):
 def _run(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     batch = bool(args.process or args.prompt is not None or args.prompts_file)
-    if not batch:
-        from shared.cli_args import server_port
+    if not batch:  # a bad or busy port is reported before anything heavy loads
+        from shared.cli_args import check_port_free, server_port
 
-        server_port(args)  # a bad $SERVER_PORT is reported before anything heavy loads
+        check_port_free(server_port(args), args.listen)
     from shared.attention import set_attention_mode
 
     set_attention_mode(args.attention)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,20 @@ def server_port(args: argparse.Namespace) -> int:
         raise UsageError(f"The environment variable SERVER_PORT must be {PORT_RANGE}, got {text!r} "
                          "(or pass --server-port).")
     return port
+
+
+def port_in_use_message(port: int) -> str:
+    return f"Port {port} is in use (is AnimaGP already running?): choose another with --server-port N."
+
+
+def check_port_free(port: int, listen: bool) -> None:
+    """A UsageError when a server already listens on `port`, before anything slow has started."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closing there do not count
+        try:
+            probe.bind(("0.0.0.0" if listen else "127.0.0.1", port))
+        except OSError:
+            raise UsageError(port_in_use_message(port)) from None
 
 
 def generation_overrides(args: argparse.Namespace, schema: Schema = SETTINGS) -> dict[str, Any]:

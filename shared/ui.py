@@ -20,7 +20,7 @@ from typing import Any
 
 import gradio as gr
 
-from shared.cli_args import server_port
+from shared.cli_args import port_in_use_message, server_port
 from shared.images import latent_preview, read_image_metadata, read_image_settings
 from shared.jobs import Job, JobQueue, Snapshot
 from shared.loras import list_loras
@@ -485,8 +485,7 @@ def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) 
     except OSError as e:
         if "port" not in str(e).lower():
             raise
-        raise OSError(f"Port {port} is in use (is AnimaGP already running?): choose another with "
-                      "--server-port N.") from None
+        raise OSError(port_in_use_message(port)) from None
     try:
         while True:
             time.sleep(1)

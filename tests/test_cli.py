@@ -355,6 +355,19 @@ def test_help_is_quick_and_names_the_app_folders(tmp_path):
     assert "inline --n --w --h --s --l --g --fs --d overrides" in text
 
 
+def test_a_busy_port_is_one_line_naming_the_flag(tmp_path):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "wgp.py"), "--server-port", str(port)],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: Port {port} is in use (is AnimaGP already running?): choose another with --server-port N."]
+
+
 @pytest.mark.parametrize("argv, env, message", [
     (["--server-port", "99999"], {}, "argument --server-port: must be a port number from 1 to 65535, got '99999'"),
     ([], {"SERVER_PORT": "abc"},
