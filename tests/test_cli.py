@@ -417,3 +417,17 @@ def test_a_nan_image_is_an_error_and_nothing_is_saved(ckpts, tmp_path):
     with pytest.raises(GenerationError, match="decoded image holds NaN or infinite values, so nothing was saved"):
         runtime.generate(task)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_checks_lora_files_and_exits_1_for_a_task_that_would_fail(capsys, tmp_path):
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "broken.safetensors").write_bytes(b"not safetensors")
+    tasks = [{"prompt": "a"}, {"prompt": "b", "activated_loras": ["nope"]}, {"prompt": "c <lora:broken:1>"}]
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    code, lines, err = run(capsys, "--ckpts-dir", tmp_path, "--lora-dir", tmp_path / "loras", "--process",
+                           tmp_path / "tasks.json", "--dry-run")
+    assert code == 1 and [line.split(" OK")[0] for line in lines if " OK" in line] == ["task 1/3"]
+    assert f"error: {tmp_path / 'tasks.json'} task 2: LoRA 'nope' not found" in err
+    assert f"error: {tmp_path / 'tasks.json'} task 3: LoRA 'broken' is not a readable safetensors file." in err
+    assert err.rstrip().endswith("error: 2 of 3 tasks failed "
+                                 f"({tmp_path / 'tasks.json'} task 2, {tmp_path / 'tasks.json'} task 3).")
