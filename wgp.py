@@ -5,12 +5,14 @@
     python wgp.py --prompts-file prompts.txt        # one prompt a line, inline --w --h --d --s --l --n
     python wgp.py --process settings.json           # Wan2GP settings: one task or a list (or an image)
 
-Exit codes: 0 success, 1 error (one line on stderr), 130 interrupted.
+Exit codes: 0 success, 1 error (one line on stderr; or some tasks of a batch failed), 130 interrupted
+(Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ family_handlers = ["models.anima.anima_handler"]
 def parse_args(argv: Sequence[str] | None = None):
     from shared.cli_args import parse_args as parse
 
-    return parse(argv)
+    return parse(argv, APP_DIR)
 
 
 def load_registry(handler_paths: Sequence[str] = tuple(family_handlers)):
@@ -41,20 +43,30 @@ def make_runtime(args, registry):
 
     options = RuntimeOptions(
         ckpts_dir=Path(args.ckpts_dir), output_dir=Path(args.output_dir),
-        lora_dir=Path(args.lora_dir) if args.lora_dir else None, dtype=args.dtype, profile=args.profile,
-        image_format=args.image_format,
+        lora_dir=Path(args.lora_dir) if args.lora_dir else None, lora_root=APP_DIR / "loras", dtype=args.dtype,
+        profile=args.profile, image_format=args.image_format, low_memory=args.low_memory,
+        local_lora_paths=frozenset(args.activated_loras or ()),
     )
     return Runtime(registry, options, log=lambda message: print(message, file=sys.stderr))
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so no half-written file stays behind
+
+
 def _run(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    batch = bool(args.process or args.prompt is not None or args.prompts_file)
+    if not batch:  # a bad or busy port is reported before anything heavy loads
+        from shared.cli_args import check_port_free, server_port
+
+        check_port_free(server_port(args), args.listen)
     from shared.attention import set_attention_mode
 
-    args = parse_args(argv)
     set_attention_mode(args.attention)
     registry = load_registry()
     runtime = make_runtime(args, registry)
-    if args.process or args.prompt is not None or args.prompts_file:
+    if batch:
         from shared.batch import run_batch
 
         return run_batch(args, registry, runtime)
@@ -65,18 +77,21 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return _run(argv)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
     except Exception as e:
-        from shared.runtime import USER_ERRORS
-
+        runtime = sys.modules.get("shared.runtime")  # only it adds error types (and importing it costs torch)
+        USER_ERRORS = runtime.USER_ERRORS if runtime else (ValueError, OSError)  # noqa: N806
         if not isinstance(e, USER_ERRORS):  # a bug: keep the traceback for the report
             traceback.print_exc()
         print(f"error: {e}" if isinstance(e, USER_ERRORS) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,88 +1,149 @@
 """Command-line generation: `--prompt`, `--prompts-file` and `--process` become a list of tasks that are
-all validated before anything loads, then run one after the other on one loaded model."""
+all checked (settings, LoRA files, output folder, weights) before anything is generated; then the good
+ones run one after the other on one loaded model. A task that fails is reported and the others still run;
+the exit code is 1 when any task failed."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
 from shared.cli_args import generation_overrides
-from shared.images import IMAGE_FORMATS, read_image_settings
+from shared.files import check_ckpts_dir
+from shared.images import IMAGE_FORMATS, check_output_dir, read_image_settings
 from shared.prompts_file import read_prompts_file
-from shared.runtime import Runtime, StepInfo
-from shared.settings import ModelRegistry, load_tasks_file, resolve_task
+from shared.runtime import USER_ERRORS, Runtime, SavedImage, StepInfo
+from shared.settings import ModelRegistry, SettingsError, Task, load_tasks_file, resolve_task
 
 _IMAGE_SUFFIXES = set(IMAGE_FORMATS.values()) | {".jpeg"}
 
 
-def _raw_tasks(args: argparse.Namespace, registry: ModelRegistry, model_type: str) -> list[tuple[str, Any]]:
+@dataclass(frozen=True)
+class _Checked:
+    where: str  # names the task in messages ("" for --prompt)
+    number: int  # 1-based position in the batch
+    task: Task | None = None
+    error: str | None = None  # why it cannot run
+
+
+def _raw_tasks(args: argparse.Namespace, registry: ModelRegistry, model_type: str,
+               err: TextIO) -> list[tuple[str, Any]]:
     """(where, task) pairs; `where` names the task in messages."""
     if args.process:
         path = Path(args.process)
         if path.suffix.lower() in _IMAGE_SUFFIXES:
-            return [(str(path), read_image_settings(path))]
+            settings, warnings = read_image_settings(path, registry.schema)
+            for warning in warnings:
+                print(f"warning: {path}: {warning}", file=err)
+            return [(str(path), settings)]
         tasks = load_tasks_file(path)
         return [(f"{path} task {i}" if len(tasks) > 1 else str(path), t) for i, t in enumerate(tasks, 1)]
     if args.prompts_file:
-        base = registry.factory_settings(model_type) | generation_overrides(args)
+        base = registry.factory_settings(model_type) | generation_overrides(args, registry.schema)
         return [(f"{args.prompts_file} line {line.line_no}", line.task(base))
-                for line in read_prompts_file(args.prompts_file)]
+                for line in read_prompts_file(args.prompts_file, registry.schema)]
     return [("", {"prompt": args.prompt})]
 
 
-def resolve_tasks(args: argparse.Namespace, registry: ModelRegistry, *, err: TextIO | None = None) -> list[dict[str, Any]]:
-    """Every task of the command line, complete and validated (warnings go to `err`, default stderr)."""
+def check_tasks(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime, *,
+                err: TextIO | None = None) -> list[_Checked]:
+    """Every task of the command line, validated and checked for what it needs (warnings go to `err`)."""
     err = err or sys.stderr
     if not registry.model_types:
         raise ValueError("No model is available: defaults/ holds no definition a family handler supports.")
     model_type = args.model or registry.model_types[0]
     registry.entry(model_type)  # a clear error for an unknown --model before reading any file
-    resolved = []
-    for where, task in _raw_tasks(args, registry, model_type):
-        settings, warnings = resolve_task(registry, task, defaults=generation_overrides(args),
+    checked = []
+    for number, (where, raw) in enumerate(_raw_tasks(args, registry, model_type, err), 1):
+        try:
+            task, warnings = resolve_task(registry, raw, defaults=generation_overrides(args, registry.schema),
                                           model_type=model_type, where=where)
-        for warning in warnings:
-            print(f"warning: {warning}", file=err)
-        resolved.append(settings)
-    return resolved
+            for warning in warnings:
+                print(f"warning: {warning}", file=err)
+            runtime.loras(task)
+        except (SettingsError, ValueError) as e:
+            message = str(e) if not where or str(e).startswith(where) else f"{where}: {e}"
+            checked.append(_Checked(where, number, error=message))
+            continue
+        checked.append(_Checked(where, number, task))
+    return checked
 
 
-def _describe(settings: dict[str, Any]) -> str:
-    seed = "random seed" if settings["seed"] == -1 else f"seed {settings['seed']}"
-    prompt = settings["prompt"] if len(settings["prompt"]) <= 60 else settings["prompt"][:57] + "..."
-    return (f"{settings['model_type']}, {settings['resolution']}, {settings['num_inference_steps']} steps, "
-            f"CFG {settings['guidance_scale']:g}, {settings['sample_solver']}, {seed}, "
-            f"batch {settings['batch_size']}: {prompt!r}")
+def _describe(task: Task) -> str:
+    seed = "random seed" if task["seed"] == -1 else f"seed {task['seed']}"
+    prompt = task["prompt"] if len(task["prompt"]) <= 60 else task["prompt"][:57] + "..."
+    return (f"{task.model_type}, {task['resolution']}, {task['num_inference_steps']} steps, "
+            f"CFG {task['guidance_scale']:g}, {task['sample_solver']}, {seed}, "
+            f"batch {task['batch_size']}: {prompt!r}")
+
+
+def _name(item: _Checked, total: int) -> str:
+    return item.where or (f"task {item.number}" if total > 1 else "the task")
 
 
 def run_batch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime, *,
               out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run (or with --dry-run, only check) every task; prints each saved file's path on `out` (stdout)."""
+    """Run (or with --dry-run, only check) every task; prints each saved file's path on `out` (stdout) as
+    soon as it is written. Returns the exit code: 0 when every task succeeded, else 1."""
     out, err = out or sys.stdout, err or sys.stderr
-    tasks = resolve_tasks(args, registry, err=err)
+    checked = check_tasks(args, registry, runtime, err=err)
+    check_output_dir(runtime.options.output_dir)
+    check_ckpts_dir(runtime.options.ckpts_dir)
+    failed = [item for item in checked if item.error]
+    for item in failed:
+        print(f"error: {item.error}", file=err)
+    good = [item for item in checked if item.task is not None]
+    total = len(checked)
     if args.dry_run:
-        for i, settings in enumerate(tasks, 1):
-            print(f"task {i}/{len(tasks)} OK: {_describe(settings)}", file=out)
-        return 0
-    for i, settings in enumerate(tasks, 1):
-        print(f"[{i}/{len(tasks)}] {_describe(settings)}", file=err)
-        # stdout carries only the saved paths (scripts read them): messages from loading go to stderr
-        with contextlib.redirect_stdout(err):
-            runtime.load(settings["model_type"])  # before the bar, so loading messages stay readable
-            with tqdm(total=settings["num_inference_steps"], unit="step", file=err, leave=False,
-                      desc=f"[{i}/{len(tasks)}]") as bar:
-                def advance(info: StepInfo) -> None:
-                    bar.total = info.total
-                    bar.update(info.step - bar.n)
+        for item in good:
+            print(f"task {item.number}/{total} OK: {_describe(item.task)}", file=out)
+        for model_type in dict.fromkeys(item.task.model_type for item in good):
+            missing = runtime.missing_files(model_type)
+            if missing:
+                names = ", ".join(Path(m).name for m in missing)
+                print(f"note: {model_type} will first download {names} into {runtime.options.ckpts_dir}", file=out)
+        return _summary(failed, total, err, ran=False)
+    with contextlib.redirect_stdout(err):  # stdout carries only the saved paths (scripts read them)
+        for model_type in dict.fromkeys(item.task.model_type for item in good):
+            runtime.model_files(model_type)  # every missing weight file at once, before the first step
+    for item in good:
+        try:
+            _run_one(item, total, runtime, out, err)
+        except USER_ERRORS as e:
+            print(f"error: {_name(item, total)}: {e}" if total > 1 else f"error: {e}", file=err)
+            failed.append(item)
+    return _summary(failed, total, err)
 
-                saved = runtime.generate(settings, on_step=advance)
-        if saved is None:
-            raise KeyboardInterrupt
-        for image in saved:
-            print(image.path, file=out)
-    return 0
+
+def _summary(failed: list[_Checked], total: int, err: TextIO, ran: bool = True) -> int:
+    if failed and total > 1:
+        names = ", ".join(_name(item, total) for item in sorted(failed, key=lambda i: i.number))
+        others = "; the others ran" if ran and len(failed) < total else ""
+        print(f"error: {len(failed)} of {total} tasks failed ({names}){others}.", file=err)
+    return 1 if failed else 0
+
+
+def _run_one(item: _Checked, total: int, runtime: Runtime, out: TextIO, err: TextIO) -> None:
+    task = item.task
+    print(f"[{item.number}/{total}] {_describe(task)}", file=err)
+
+    def saved(image: SavedImage) -> None:
+        print(image.path, file=out, flush=True)
+
+    with contextlib.redirect_stdout(err):
+        runtime.load(task.model_type)  # before the bar, so loading messages stay readable
+        with tqdm(total=task["num_inference_steps"], unit="step", file=err, leave=False,
+                  desc=f"[{item.number}/{total}]") as bar:
+            def advance(info: StepInfo) -> None:
+                bar.total = info.total
+                bar.update(info.step - bar.n)
+
+            images = runtime.generate(task, on_step=advance, on_saved=saved)
+    if images is None:
+        raise KeyboardInterrupt

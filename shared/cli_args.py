@@ -1,30 +1,26 @@
-"""The `wgp.py` command line (Wan2GP's flags where they exist, sd-scripts' for prompt files)."""
+"""The `wgp.py` command line (Wan2GP's flags where they exist, sd-scripts' for prompt files).
+
+The generation flags come from the settings schema (shared/settings_schema.py); the run, folder,
+performance and server flags are declared here. Building the parser imports neither torch nor gradio, so
+`--help` is quick.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from shared.attention import ATTENTION_MODES, check_attention_mode
 from shared.images import IMAGE_FORMATS
+from shared.settings_schema import SETTINGS, Schema, add_cli_flags
 
+ATTENTION_HELP = "auto (the best one installed), sdpa, flash, sage or sage2"  # checked by shared.attention
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PROFILES = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0)
 DEFAULT_PORT = 7860
-
-# CLI flag -> settings key, for the one-off generation flags (they also act as defaults for batches)
-GENERATION_FLAGS = {
-    "model": "model_type",
-    "negative_prompt": "negative_prompt",
-    "seed": "seed",
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "shift": "flow_shift",
-    "resolution": "resolution",
-    "batch_size": "batch_size",
-    "sampler": "sample_solver",
-}
 
 
 class UsageError(ValueError):
@@ -43,75 +39,122 @@ def _profile(text: str) -> float:
     return value
 
 
-def _attention(text: str) -> str:
+PORT_RANGE = "a port number from 1 to 65535"
+
+
+def _parse_port(text: str) -> int | None:
     try:
-        return check_attention_mode(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        port = int(text)
+    except ValueError:
+        return None
+    return port if 1 <= port <= 65535 else None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _port(text: str) -> int:
+    port = _parse_port(text)
+    if port is None:
+        raise argparse.ArgumentTypeError(f"must be {PORT_RANGE}, got {text!r}")
+    return port
+
+
+def prompt_file_options(schema: Schema = SETTINGS) -> str:
+    """'--w --h --d --s --l --g --fs --n': the inline overrides a prompts file accepts."""
+    return " ".join(f"--{o}" for s in schema for o in s.prompt_options)
+
+
+def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentParser:
+    """`app_dir` holds the default folders (ckpts/, outputs/, loras/, settings/), wherever the app starts."""
     p = _Parser(
         prog="wgp.py",
         description="Anima text-to-image: a web UI (default) or command-line batch generation.",
-        epilog="Exit codes: 0 success, 1 error, 130 interrupted (Ctrl-C).",
+        epilog="Exit codes: 0 success, 1 error (or some tasks of a batch failed), 130 interrupted (Ctrl-C, SIGTERM).",
     )
-    mode = p.add_argument_group("what to run (default: the web UI)").add_mutually_exclusive_group()
-    mode.add_argument("--prompt", help="generate images for this prompt, then exit")
+    runs = p.add_argument_group("what to run (default: the web UI)")
+    mode = runs.add_mutually_exclusive_group()
+    add_cli_flags(mode, [s for s in schema if s.key == "prompt"])
     mode.add_argument("--prompts-file", metavar="FILE",
-                      help="one prompt a line, '#' comments, inline --w --h --d --s --l --n overrides")
+                      help=f"one prompt a line, '#' comments, inline {prompt_file_options(schema)} overrides")
     mode.add_argument("--process", metavar="FILE",
                       help="run a settings JSON (one task or a list), or re-make an image from its metadata")
-    p.add_argument("--dry-run", action="store_true", help="with --process/--prompt/--prompts-file: only validate")
+    runs.add_argument("--dry-run", action="store_true",
+                      help="with --process/--prompt/--prompts-file: check every task, generate nothing")
 
     gen = p.add_argument_group(
         "generation settings",
         "Defaults come from the model definition (defaults/<model>.json). For --process and --prompts-file "
         "these flags fill in what a task or line does not set.")
     gen.add_argument("--model", metavar="MODEL_TYPE", help="model type, e.g. anima_preview (default: the first)")
-    gen.add_argument("--negative-prompt", metavar="TEXT")
-    gen.add_argument("--seed", type=int, metavar="N", help="-1 for a random seed; image i of a batch uses N+i")
-    gen.add_argument("--steps", type=int, metavar="N", help="sampling steps")
-    gen.add_argument("--guidance", type=float, metavar="CFG", help="CFG scale")
-    gen.add_argument("--shift", type=float, metavar="S", help="flow shift of the sigma schedule")
-    gen.add_argument("--resolution", metavar="WxH", help="multiples of 16, e.g. 832x1216")
-    gen.add_argument("--batch-size", type=int, metavar="N", help="images per prompt")
-    gen.add_argument("--sampler", metavar="NAME", help="e.g. er_sde, euler, euler_a, dpmpp_2m_sde")
+    add_cli_flags(gen, [s for s in schema if s.key != "prompt"])
     gen.add_argument("--image-format", choices=tuple(IMAGE_FORMATS), default="png",
                      help="output format; every format carries the settings (default: png)")
 
-    files = p.add_argument_group("folders")
-    files.add_argument("--ckpts-dir", default="ckpts", metavar="DIR",
-                       help="weights folder; a file already there is used, missing ones are downloaded")
-    files.add_argument("--output-dir", default="outputs", metavar="DIR", help="where images go (default: outputs)")
-    files.add_argument("--lora-dir", metavar="DIR", help="LoRA folder (default: loras/<family>)")
-    files.add_argument("--settings", default="settings", metavar="DIR", help="where the UI keeps last-used settings")
+    files = p.add_argument_group("folders (relative paths are taken from the current folder)")
+    files.add_argument("--ckpts-dir", default=str(app_dir / "ckpts"), metavar="DIR",
+                       help="weights folder; a file already there is used, missing ones are downloaded "
+                            "(default: %(default)s)")
+    files.add_argument("--output-dir", default=str(app_dir / "outputs"), metavar="DIR",
+                       help="where images go (default: %(default)s)")
+    files.add_argument("--lora-dir", metavar="DIR", help=f"LoRA folder (default: {app_dir / 'loras'}/<family>)")
+    files.add_argument("--settings", default=str(app_dir / "settings"), metavar="DIR",
+                       help="where the UI keeps last-used settings (default: %(default)s)")
 
     perf = p.add_argument_group("performance")
-    perf.add_argument("--attention", type=_attention, default="auto", metavar="MODE",
-                      help=f"one of {', '.join(ATTENTION_MODES)}")
+    perf.add_argument("--attention", default="auto", metavar="MODE", help=ATTENTION_HELP)
     perf.add_argument("--profile", type=_profile, default=-1.0, metavar="N",
                       help="mmgp offload profile on a GPU (1 = most VRAM and RAM ... 5 = least; 3.5 and 4.5 "
                            "too); -1: 4")
     perf.add_argument("--dtype", choices=DTYPES, default="auto",
                       help="model dtype; auto: the model's policy (fp32 on the CPU, bf16 on a GPU that has it, "
                            "else fp16)")
+    perf.add_argument("--low-memory", action="store_true",
+                      help="free the text encoder after each prompt is encoded (on the CPU; on a GPU mmgp "
+                           "already moves it out)")
 
     server = p.add_argument_group("web UI")
     server.add_argument("--listen", action="store_true", help="serve on all interfaces (default 127.0.0.1 only)")
-    server.add_argument("--server-port", type=int, default=0, metavar="N",
+    server.add_argument("--server-port", type=_port, default=None, metavar="N",
                         help=f"port (default $SERVER_PORT or {DEFAULT_PORT})")
     server.add_argument("--open-browser", action="store_true", help="open the UI in the default browser")
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str] | None, app_dir: Path) -> argparse.Namespace:
+    args = build_parser(app_dir).parse_args(argv)
     if args.dry_run and not (args.process or args.prompt is not None or args.prompts_file):
         raise UsageError("--dry-run needs --process, --prompt or --prompts-file (see --help)")
     return args
 
 
-def generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings given by the one-off generation flags (only those on the command line)."""
-    return {key: getattr(args, flag) for flag, key in GENERATION_FLAGS.items() if getattr(args, flag) is not None}
+def server_port(args: argparse.Namespace) -> int:
+    """--server-port, else $SERVER_PORT, else DEFAULT_PORT."""
+    if args.server_port:
+        return args.server_port
+    text = os.environ.get("SERVER_PORT", "").strip()
+    if not text:
+        return DEFAULT_PORT
+    port = _parse_port(text)
+    if port is None:
+        raise UsageError(f"The environment variable SERVER_PORT must be {PORT_RANGE}, got {text!r} "
+                         "(or pass --server-port).")
+    return port
+
+
+def port_in_use_message(port: int) -> str:
+    return f"Port {port} is in use (is AnimaGP already running?): choose another with --server-port N."
+
+
+def check_port_free(port: int, listen: bool) -> None:
+    """A UsageError when a server already listens on `port`, before anything slow has started."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closing there do not count
+        try:
+            probe.bind(("0.0.0.0" if listen else "127.0.0.1", port))
+        except OSError:
+            raise UsageError(port_in_use_message(port)) from None
+
+
+def generation_overrides(args: argparse.Namespace, schema: Schema = SETTINGS) -> dict[str, Any]:
+    """Settings given by the generation flags (only those on the command line); not the prompt, which
+    is a task of its own."""
+    return {s.key: getattr(args, s.key) for s in schema
+            if s.cli and s.key != "prompt" and getattr(args, s.key, None) is not None}

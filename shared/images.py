@@ -7,8 +7,10 @@ Every saved image has two pieces of metadata:
 
 PNG stores them as text chunks (`parameters`, and `comment`, where Wan2GP keeps its JSON); JPEG and WebP
 store them in EXIF (UserComment for the A1111 text, as A1111 does; ImageDescription for the JSON).
-Files are written to a temporary name first and then linked into place, so a reader never sees half an
-image and an existing file is never overwritten.
+Which settings go into the A1111 text, under which label, comes from the settings schema
+(shared/settings_schema.py); the JSON holds every setting. Files are written to a temporary name first and
+then linked into place, so a reader never sees half an image and an existing file is never overwritten;
+they get the permissions the umask gives. This module imports torch only when a tensor is converted.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ import itertools
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import ExifTags, Image, PngImagePlugin
-from torch import Tensor
+
+from shared.settings import new_file_mode
+from shared.settings_schema import SETTINGS, Schema, SettingsError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 JSON_CHUNK = "comment"
@@ -35,15 +42,10 @@ _EXIF_USER_COMMENT = 0x9286
 _UNICODE_PREFIX = b"UNICODE\x00"
 _SLUG_MAX_CHARS = 50
 _SAVE_QUALITY = 95
-
-# A1111 infotext keys <-> settings keys, with the type each value is read back as.
-_A1111_KEYS = {
-    "Steps": ("num_inference_steps", int),
-    "Sampler": ("sample_solver", str),
-    "CFG scale": ("guidance_scale", float),
-    "Shift": ("flow_shift", float),
-    "Seed": ("seed", int),
-}
+MIN_FREE_BYTES = 32 << 20  # refuse to start generating when the output disk has less than this free
+_NEGATIVE = "Negative prompt"
+# A1111's order of the fields it knows; the schema's other labels follow in schema order
+_A1111_ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Shift", "Seed", "Size")
 _A1111_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
@@ -52,6 +54,8 @@ def tensor_to_pil(image: Tensor) -> Image.Image:
 
     Converted as ComfyUI saves images (to [0, 1], then 255 * x truncated), so the same latents give
     exactly its pixels."""
+    import torch
+
     if image.dtype != torch.uint8:
         image = (((image.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
     return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
@@ -60,6 +64,8 @@ def tensor_to_pil(image: Tensor) -> Image.Image:
 def latent_preview(latent: Tensor, factors: list[list[float]], bias: list[float], min_side: int = 256) -> Image.Image:
     """Cheap RGB preview of the first image of `latent` [C, T, h, w] (or [C, h, w]): each pixel is
     `latent(c) . factors + bias` (one [r, g, b] row per channel), upscaled to at least `min_side`."""
+    import torch
+
     x = latent[:, 0] if latent.dim() == 4 else latent  # [C, h, w]
     weights = torch.tensor(factors, dtype=torch.float32)  # [C, 3]
     rgb = torch.einsum("chw,cr->rhw", x.detach().float().cpu(), weights) + torch.tensor(bias).view(3, 1, 1)
@@ -94,60 +100,66 @@ def _number(value: float) -> str:
 
 def a1111_parameters(
     settings: Mapping[str, Any], *, model_name: str, schedule_type: str = "Simple",
-    loras: list[tuple[str, float, str | None]] = (), version: str | None = None,
+    loras: list[tuple[str, float, str | None]] = (), version: str | None = None, schema: Schema = SETTINGS,
 ) -> str:
     """The A1111 `parameters` text for one image. `loras` are (name, strength, short hash or None).
 
     As in A1111, LoRAs show up as `<lora:name:strength>` tags on the prompt line and by hash in
-    `Lora hashes`; tags already written in the prompt are not repeated.
+    `Lora hashes`; tags already written in the prompt are not repeated. The fields are the schema's
+    settings that have an A1111 label, in A1111's order (`schedule_type` fills "Schedule type" until a
+    setting of that label exists).
     """
     prompt = str(settings.get("prompt", ""))
-    tags = [f"<lora:{name}:{_number(float(s))}>" for name, s, _ in loras if f"<lora:{name}" not in prompt]
+    tags = [f"<lora:{name}:{_number(float(s))}>" for name, s, _ in loras if f"<lora:{name}:" not in prompt
+            and f"<lora:{name}>" not in prompt]
     lines = [" ".join([prompt, *tags]).strip()]
     if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    fields = {
-        "Steps": settings.get("num_inference_steps"),
-        "Sampler": settings.get("sample_solver"),
-        "Schedule type": schedule_type,
-        "CFG scale": _number(float(settings.get("guidance_scale", 0))),
-        "Shift": _number(float(settings.get("flow_shift", 0))),
-        "Seed": settings.get("seed"),
-        "Size": settings.get("resolution"),
-        "Model": model_name,
-    }
+        lines.append(f"{_NEGATIVE}: {settings['negative_prompt']}")
+    fields: dict[str, str] = {}
+    for setting in schema:
+        value = settings.get(setting.key)
+        if setting.a1111 and setting.a1111 != _NEGATIVE and value not in (None, "", (), []):
+            fields[setting.a1111] = setting.a1111_value(value)
+    if schedule_type and "Schedule type" not in {s.a1111 for s in schema}:
+        fields["Schedule type"] = schedule_type
+    rank = {label: i for i, label in enumerate(_A1111_ORDER)}
+    fields = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], len(rank))))
+    fields["Model"] = model_name
     hashes = ", ".join(f"{name}: {h}" for name, _, h in loras if h)
     if hashes:
         fields["Lora hashes"] = hashes
     if version:
         fields["Version"] = version
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v not in (None, "")))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
 
 
-def parse_a1111_parameters(text: str) -> dict[str, Any]:
-    """Settings from an A1111 `parameters` text (ours or another app's); keys it lacks are left out."""
+def parse_a1111_parameters(text: str, schema: Schema = SETTINGS) -> tuple[dict[str, Any], list[str]]:
+    """(settings, warnings) from an A1111 `parameters` text (ours or another app's). Keys it lacks are left
+    out; a value that cannot be read is left out with a warning, so the model's default is used."""
     lines = text.strip().split("\n")
     params_line = lines.pop() if lines and _A1111_PARAM.match(lines[-1]) and "Steps:" in lines[-1] else ""
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        if line.startswith(f"{_NEGATIVE}:"):
+            in_negative, line = True, line[len(_NEGATIVE) + 1:].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     settings: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
     if in_negative:
         settings["negative_prompt"] = "\n".join(negative_lines).strip()
-    for key, raw in _A1111_PARAM.findall(params_line):
-        value = json.loads(raw) if raw.startswith('"') else raw.strip()
-        if key in _A1111_KEYS:
-            name, kind = _A1111_KEYS[key]
-            try:
-                settings[name] = kind(value)
-            except ValueError:
-                continue
-        elif key == "Size" and re.fullmatch(r"\d+x\d+", value):
-            settings["resolution"] = value
-    return settings
+    by_label = {s.a1111: s for s in schema if s.a1111 and s.a1111 != _NEGATIVE}
+    warnings = []
+    for label, raw in _A1111_PARAM.findall(params_line):
+        setting = by_label.get(label)
+        if setting is None:
+            continue
+        try:
+            value = json.loads(raw) if raw.startswith('"') else raw.strip()
+            settings[setting.key] = setting.parse(value)
+        except (ValueError, SettingsError):
+            warnings.append(f"the image's '{label}: {raw.strip()}' cannot be read; the model's default "
+                            f"{setting.key} is used instead")
+    return settings, warnings
 
 
 def _png_info(parameters: str, settings_json: str) -> PngImagePlugin.PngInfo:
@@ -190,26 +202,61 @@ def _place(tmp: Path, candidates) -> Path:
     raise AssertionError("unreachable: the candidate names never run out")
 
 
+def _first_existing(folder: Path) -> Path:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate
+    return folder
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse, before anything is generated, an output folder that cannot take images: one that is a file
+    or lies under one, one this process cannot write to, or one on a full disk. Creates nothing."""
+    out = Path(out_dir).expanduser()
+    existing = _first_existing(out.absolute())
+    if not existing.is_dir():
+        what = "is a file" if existing == out.absolute() else f"lies under {existing}, which is a file"
+        raise OSError(f"The output folder {out} {what}: choose a folder with --output-dir.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(f"The output folder {out} is not writable ({e.strerror or e}): choose another with "
+                      "--output-dir.") from None
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(f"The disk of the output folder {out} is full ({free >> 20} MiB free): free some space or "
+                      "choose another folder with --output-dir.")
+
+
 def save_image(
     image: Image.Image, out_dir: str | os.PathLike, *, stem: str, fmt: str,
     parameters: str, settings: Mapping[str, Any],
 ) -> Path:
-    """Write `image` as `out_dir/stem.ext` (or `stem-2.ext`, `stem-3.ext`... if taken) with its metadata."""
+    """Write `image` as `out_dir/stem.ext` (or `stem-2.ext`, `stem-3.ext`... if taken) with its metadata.
+
+    A failure (a folder that cannot be written, a full disk) raises OSError naming the image and the
+    folder; no temporary file is left behind, also when interrupted (KeyboardInterrupt) while writing."""
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"Unknown image format '{fmt}': choose one of {', '.join(IMAGE_FORMATS)}.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ext = IMAGE_FORMATS[fmt]
-    settings_json = json.dumps(dict(settings), ensure_ascii=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".saving-", suffix=ext, dir=out)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    settings_json = json.dumps(dict(settings), ensure_ascii=True, allow_nan=False)
+    tmp = None
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".saving-", suffix=ext, dir=out)
+        os.close(fd)
+        tmp = Path(tmp_name)
         _encode(image, tmp, fmt, parameters, settings_json)
+        os.chmod(tmp, new_file_mode())
         names = (out / f"{stem}{ext}" if n == 1 else out / f"{stem}-{n}{ext}" for n in itertools.count(1))
         return _place(tmp, names)
+    except OSError as e:
+        raise OSError(f"Cannot save {stem}{ext} in {out}: {e.strerror or e}.") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _decode_user_comment(raw: bytes | str) -> str:
@@ -251,11 +298,12 @@ def read_image_metadata(path: str | os.PathLike) -> tuple[dict[str, Any] | None,
     return settings, parameters
 
 
-def read_image_settings(path: str | os.PathLike) -> dict[str, Any]:
-    """The settings an image was made with: its JSON chunk, else what its A1111 text says."""
+def read_image_settings(path: str | os.PathLike, schema: Schema = SETTINGS) -> tuple[dict[str, Any], list[str]]:
+    """(settings, warnings): what an image was made with, from its JSON chunk, else from its A1111 text
+    (warnings name the values that text has but that cannot be read)."""
     settings, parameters = read_image_metadata(path)
     if settings is not None:
-        return settings
+        return settings, []
     if parameters:
-        return parse_a1111_parameters(parameters)
+        return parse_a1111_parameters(parameters, schema)
     raise ValueError(f"{path}: this image carries no generation settings.")

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from shared.runtime import USER_ERRORS, Runtime, SavedImage, StepInfo
+from shared.settings import Task
 
 MAX_RESULTS = 200
 
@@ -23,7 +24,7 @@ MAX_RESULTS = 200
 @dataclass(frozen=True)
 class Job:
     id: int
-    settings: dict[str, Any]
+    settings: Task  # the validated task (read like a dict: settings["prompt"])
     status: str = "queued"  # queued | running | done | aborted | failed
     message: str = ""
     seed: int | None = None  # the seed used (first image), once done
@@ -72,8 +73,8 @@ class JobQueue:
     def snapshot(self) -> Snapshot:
         return self._snap
 
-    def submit(self, settings: dict[str, Any]) -> Job:
-        job = Job(next(self._ids), dict(settings))
+    def submit(self, task: Task) -> Job:
+        job = Job(next(self._ids), task)
         with self._cond:
             self._update(queue=(*self._snap.queue, job))
             if self._worker is None:
@@ -99,6 +100,14 @@ class JobQueue:
             return False
         self.runtime.abort()
         return True
+
+    def stop(self, timeout: float) -> bool:
+        """Empty the queue, abort the running job and wait up to `timeout` seconds for it to end; False when
+        it is still running then (a long step)."""
+        self.clear()
+        self.abort()
+        with self._cond:
+            return self._cond.wait_for(lambda: self._snap.progress is None, timeout)
 
     # ------------------------------------------------------------------------------------- worker
 

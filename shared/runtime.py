@@ -1,5 +1,6 @@
-"""Running generations: the weights are fetched and the model loaded once, then each task's settings
-become one `model.generate(**kwargs)` call (Wan2GP's contract) whose images are saved with metadata.
+"""Running generations: the weights are fetched and the model loaded once, then each validated `Task`
+becomes one `model.generate(**kwargs)` call (Wan2GP's contract, built in `generate_kwargs` only) whose
+images are checked (no NaN or infinity) and saved with metadata.
 
 The CLI and the UI both drive this class, so both produce the same files for the same settings.
 """
@@ -18,18 +19,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shared.files import DownloadError, fetch_model_files
-from shared.images import a1111_parameters, image_stem, save_image, tensor_to_pil
-from shared.loras import find_lora, lora_short_hash
+from shared.files import DownloadError, fetch_model_files, missing_model_files
+from shared.images import a1111_parameters, check_output_dir, image_stem, save_image, tensor_to_pil
+from shared.loras import TaskLora, lora_short_hash, task_loras
 from shared.offload import offload_pipe
-from shared.settings import ModelEntry, ModelRegistry, lora_multipliers, parse_resolution
+from shared.settings import ModelRegistry, Task
 
 APP_VERSION = "AnimaGP"
 RANDOM_SEED_MAX = 999_999_999  # Wan2GP's range for seed -1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_GPU_PROFILE = 4.0  # Wan2GP's default for image models: LowRAM_LowVRAM
+
+
+class GenerationError(RuntimeError):
+    """A generation went wrong in a way the user can act on (e.g. NaN values); nothing was saved."""
+
+
 # Mistakes a user can fix (bad settings, missing or broken files): reported in one line, no traceback.
-USER_ERRORS = (ValueError, OSError, DownloadError)
+USER_ERRORS = (ValueError, OSError, DownloadError, GenerationError)
+NON_FINITE_HINT = ("likely causes: a LoRA strength far too high, fp16 overflowing on this GPU (try --dtype bf16 "
+                   "or fp32), or a damaged checkpoint")
 
 
 def requested_dtype(name: str, definition: dict[str, Any]) -> torch.dtype | None:
@@ -49,6 +58,8 @@ class RuntimeOptions:
     dtype: str = "auto"
     profile: float = -1.0
     image_format: str = "png"
+    low_memory: bool = False  # free the text encoder after encoding (model_factory's low_memory)
+    local_lora_paths: frozenset[str] = frozenset()  # LoRA paths the local command line gave (may be anywhere)
 
 
 @dataclass(frozen=True)
@@ -69,19 +80,26 @@ class SavedImage:
 
 
 class _StepReporter:
-    """Wan2GP's `callback(step_idx, latent, force_refresh, ...)` turned into StepInfo reports."""
+    """Wan2GP's `callback(step_idx, latent, force_refresh, ...)` turned into StepInfo reports; latents with
+    NaN or infinite values stop the run (`stop`) at that step instead of ending as a black image."""
 
-    def __init__(self, total: int, on_step: Callable[[StepInfo], None] | None):
-        self.total, self.on_step = total, on_step
+    def __init__(self, total: int, on_step: Callable[[StepInfo], None] | None, stop: Callable[[], None]):
+        self.total, self.on_step, self.stop = total, on_step, stop
         self.start = time.monotonic()
+        self.non_finite_step: int | None = None
 
     def __call__(self, step_idx: int = -1, latent: Tensor | None = None, force_refresh: bool = True,
                  read_state: bool = False, override_num_inference_steps: int = -1, **_: Any) -> None:
         if override_num_inference_steps > 0:
             self.total, self.start = override_num_inference_steps, time.monotonic()
-        if step_idx < 0 or self.on_step is None:
+        if step_idx < 0:
             return  # start-of-loop reset, or a heartbeat from inside the transformer
         step = step_idx + 1
+        if latent is not None and self.non_finite_step is None and not bool(torch.isfinite(latent).all()):
+            self.non_finite_step = step
+            self.stop()
+        if self.on_step is None:
+            return
         elapsed = time.monotonic() - self.start
         eta = elapsed / step * max(self.total - step, 0)
         self.on_step(StepInfo(step, self.total, elapsed, eta, latent))
@@ -114,9 +132,28 @@ class Runtime:
             return Path(entry.handler.get_lora_dir(entry.base_model_type, self.options, str(self.options.lora_root)))
         return self.options.lora_root / entry.base_model_type
 
-    def model_files(self, entry: ModelEntry) -> list[Path]:
-        """Local paths of the model's weights (transformer first), downloading what is missing."""
+    def model_files(self, model_type: str) -> list[Path]:
+        """Local paths of the model's weights (transformer first), downloading what is missing; one
+        DownloadError names everything that could not be had."""
+        entry = self.registry.entry(model_type)
         return fetch_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir)
+
+    def missing_files(self, model_type: str) -> list[str]:
+        """The weight files (URLs) of `model_type` that are not in the checkpoints folder yet."""
+        entry = self.registry.entry(model_type)
+        return missing_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir)
+
+    def check(self, task: Task) -> None:
+        """Everything about `task` that can fail before generating: its LoRA files, the output folder.
+        Raises a USER_ERRORS exception that says what to fix."""
+        self.loras(task)
+        check_output_dir(self.options.output_dir)
+
+    def loras(self, task: Task) -> tuple[str, list[TaskLora]]:
+        """(prompt without LoRA tags, the task's LoRA files)."""
+        entry = self.registry.entry(task.model_type)
+        return task_loras(task, entry.handler, self.lora_dir(task.model_type),
+                          local_paths=self.options.local_lora_paths)
 
     def load(self, model_type: str) -> Any:
         """The model for `model_type`, loaded once; another model loaded before is released first."""
@@ -124,13 +161,13 @@ class Runtime:
             return self._loaded.model
         self.release()
         entry = self.registry.entry(model_type)
-        paths = self.model_files(entry)
+        paths = self.model_files(model_type)
         dtype = requested_dtype(self.options.dtype, entry.definition)
         self.log(f"Loading {entry.name}...")
         profile = DEFAULT_GPU_PROFILE if self.options.profile == -1 else self.options.profile
         model, pipe = entry.handler.load_model(
             [str(p) for p in paths], model_type, entry.base_model_type, entry.definition, dtype=dtype,
-            profile=profile,
+            profile=profile, low_memory=self.options.low_memory,
         )
         # with CUDA, mmgp streams the modules to the GPU; fp32 leftovers become `dtype` (modules that carry
         # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
@@ -155,62 +192,82 @@ class Runtime:
             if self._loaded is not None:
                 self._loaded.model._interrupt = True
 
-    def generate(self, settings: dict[str, Any], *, on_step: Callable[[StepInfo], None] | None = None,
-                 on_status: Callable[[str], None] | None = None) -> list[SavedImage] | None:
-        """Generate and save the images of one validated task; None if it was aborted."""
+    def generate(self, task: Task, *, on_step: Callable[[StepInfo], None] | None = None,
+                 on_status: Callable[[str], None] | None = None,
+                 on_saved: Callable[[SavedImage], None] | None = None) -> list[SavedImage] | None:
+        """Generate and save the images of one validated task (`on_saved` hears of each file as it is
+        written); None if it was aborted. GenerationError when the result holds NaN or infinite values."""
         with self._lock:
             self._abort_requested = False
-        model_type = settings["model_type"]
-        lora_dir = self.lora_dir(model_type)
-        loras = [(find_lora(name, lora_dir), m)
-                 for name, m in zip(settings["activated_loras"], lora_multipliers(settings))]
+        model_type = task.model_type
+        prompt, loras = self.loras(task)
         if on_status and not (self._loaded and self._loaded.model_type == model_type):
             on_status("Loading the model (missing weights are downloaded first: progress in the console)...")
         model = self.load(model_type)
-        seed = settings["seed"] if settings["seed"] != -1 else random.randint(0, RANDOM_SEED_MAX)
+        seed = task["seed"] if task["seed"] != -1 else random.randint(0, RANDOM_SEED_MAX)
+        task = task.replace(seed=seed)
         with self._lock:
             if self._abort_requested:
                 return None
             model._interrupt = False
         if on_status:
             on_status("Generating...")
+
+        def stop() -> None:
+            model._interrupt = True
+
+        reporter = _StepReporter(task["num_inference_steps"], on_step, stop)
         try:
-            out = model.generate(**self._generate_kwargs(settings, seed, loras, lora_dir, on_step))
+            out = model.generate(**self.generate_kwargs(task, prompt, loras, reporter))
         finally:
             if self._loaded.offload is not None:
                 self._loaded.offload.unload_all()  # as wgp does: LoRAs are merged between generations
+        if reporter.non_finite_step is not None:
+            raise GenerationError(f"The sampler produced NaN or infinite values at step {reporter.non_finite_step} "
+                                  f"of {reporter.total} (the image would be black), so it stopped and saved "
+                                  f"nothing; {NON_FINITE_HINT}.")
         if out is None:  # aborted
             return None
         images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W] in [-1, 1]
-        return self._save_all(images, settings, seed, loras)
+        if not bool(torch.isfinite(images).all()):
+            raise GenerationError(f"The decoded image holds NaN or infinite values, so nothing was saved; "
+                                  f"{NON_FINITE_HINT}.")
+        return self._save_all(images, task, prompt, loras, on_saved)
 
-    def _generate_kwargs(self, settings: dict[str, Any], seed: int, loras: list[tuple[Path, float]],
-                         lora_dir: Path, on_step: Callable[[StepInfo], None] | None) -> dict[str, Any]:
-        """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2)."""
-        width, height = parse_resolution(settings["resolution"])
-        return dict(
-            input_prompt=settings["prompt"], n_prompt=settings["negative_prompt"],
-            sampling_steps=settings["num_inference_steps"], guide_scale=settings["guidance_scale"],
-            shift=settings["flow_shift"], sample_solver=settings["sample_solver"], width=width, height=height,
-            seed=seed, batch_size=settings["batch_size"],
-            callback=_StepReporter(settings["num_inference_steps"], on_step), VAE_tile_size=None, joint_pass=True,
-            loras=[(str(path), strength) for path, strength in loras], lora_dir=str(lora_dir),
-            model_type=self.registry.entry(settings["model_type"]).base_model_type, image_mode=1, frame_num=1,
+    def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable) -> dict[str, Any]:
+        """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2): the schema's
+        mapping of every setting, with the prompt's LoRA tags already turned into files."""
+        kwargs = task.schema.generate_kwargs(task.values)
+        kwargs.update(
+            input_prompt=prompt, loras=[(str(lora.path), lora.strength) for lora in loras],
+            lora_dir=str(self.lora_dir(task.model_type)), callback=callback,
+            model_type=self.registry.entry(task.model_type).base_model_type,
+            VAE_tile_size=None, joint_pass=True, image_mode=1, frame_num=1,
         )
+        return kwargs
 
-    def _save_all(self, images: Tensor, settings: dict[str, Any], seed: int,
-                  loras: list[tuple[Path, float]]) -> list[SavedImage]:
-        entry = self.registry.entry(settings["model_type"])
+    def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],
+                  on_saved: Callable[[SavedImage], None] | None) -> list[SavedImage]:
+        """Save each image as it comes; `prompt` (without LoRA tags) names the files."""
+        entry = self.registry.entry(task.model_type)
         weights_name = Path(str((entry.definition.get("URLs") or [entry.model_type])[0])).stem
-        lora_info = [(p.stem, m, lora_short_hash(p)) for p, m in loras]
+        lora_info = [(lora.name if lora.from_tag else lora.path.stem, lora.strength, lora_short_hash(lora.path))
+                     for lora in loras]
         when = datetime.now()
         saved = []
         for i in range(images.shape[1]):
             # image i of a batch is a single run with seed + i, so that is what its metadata records
-            own = dict(settings, seed=seed + i, batch_size=1)
-            parameters = a1111_parameters(own, model_name=weights_name, loras=lora_info, version=APP_VERSION)
+            own = task.replace(seed=task["seed"] + i, batch_size=1)
+            settings = own.settings()
+            for setting in task.schema:
+                settings.update(setting.json_extras(own[setting.key]))
+            parameters = a1111_parameters(settings, model_name=weights_name, loras=lora_info, version=APP_VERSION,
+                                          schema=task.schema)
             path = save_image(tensor_to_pil(images[:, i]), self.options.output_dir,
-                              stem=image_stem(when, seed, settings["prompt"], i), fmt=self.options.image_format,
-                              parameters=parameters, settings=own)
-            saved.append(SavedImage(path, seed + i, own, parameters))
+                              stem=image_stem(when, task["seed"], prompt, i), fmt=self.options.image_format,
+                              parameters=parameters, settings=settings)
+            image = SavedImage(path, own["seed"], settings, parameters)
+            saved.append(image)
+            if on_saved is not None:
+                on_saved(image)
         return saved

@@ -3,10 +3,11 @@
 - A model definition is a `defaults/<model_type>.json` file: its `"model"` entry is the definition
   (`architecture` = the base model type that picks the family handler), every other top-level key is a
   default setting.
-- A task's settings are, from lowest to highest priority: `BASE_SETTINGS`, the handler's
-  `update_default_settings`, the JSON's settings, caller defaults (e.g. CLI flags), then the task itself.
-  Keys no layer knows are reported back, not silently used.
-- `validate_settings` turns user values into clean types, with one clear message per mistake.
+- A task's settings are, from lowest to highest priority: the schema's defaults (shared/settings_schema.py),
+  the handler's `update_default_settings`, the JSON's settings, caller defaults (e.g. CLI flags), then the
+  task itself. Keys no layer knows are reported back, not silently used.
+- `validate_settings` checks every value against its rule and gives a typed `Task`, one clear message per
+  mistake.
 - `SettingsStore` keeps the last-used settings of each model in a folder (`<model_type>_settings.json`).
 """
 
@@ -15,37 +16,20 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-BASE_SETTINGS: dict[str, Any] = {
-    "prompt": "",
-    "negative_prompt": "",
-    "resolution": "1024x1024",
-    "num_inference_steps": 30,
-    "guidance_scale": 4.0,
-    "flow_shift": 3.0,
-    "sample_solver": "",
-    "seed": -1,
-    "batch_size": 1,
-    "activated_loras": [],
-    "loras_multipliers": "",
-}
+from shared.settings_schema import MAX_SEED, SETTINGS, Rule, Schema, SettingsError, parse_resolution
+
 SETTINGS_VERSION = 2.74  # the Wan2GP settings version these keys follow (nothing to migrate)
-DEFAULT_RESOLUTIONS = ("1024x1024", "896x1152", "1152x896", "832x1216", "1216x832", "768x1344", "1344x768")
-MAX_SIDE = 4096
-MAX_STEPS = 1000
-MAX_SEED = 2**32 - 1
-_RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
 _TASK_WRAPPER_KEYS = {"id", "params", "plugin_data"}  # Wan2GP queue entries wrap settings in "params"
 
-
-class SettingsError(ValueError):
-    """A setting a user gave is wrong; the message says which and how to fix it."""
+__all__ = ["ModelEntry", "ModelRegistry", "SettingsError", "SettingsStore", "Task", "load_tasks_file",
+           "parse_resolution", "resolve_task", "validate_settings", "write_json_atomic"]
 
 
 @dataclass(frozen=True)
@@ -76,17 +60,27 @@ def _map_handlers(handlers: Sequence[type]) -> tuple[dict[str, type], dict[str, 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark, as Windows editors write, is fine
     except FileNotFoundError:
         raise SettingsError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except IsADirectoryError:
+        raise SettingsError(f"{what} {path} is a folder, not a file.") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{what} {path} is not UTF-8 text.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise SettingsError(f"{what} {path} is not valid JSON ({e}).") from None
+    except RecursionError:
+        raise SettingsError(f"{what} {path} is nested too deeply to be settings.") from None
 
 
 class ModelRegistry:
     """The models the app offers: family handlers mapped by base type, plus the defaults/*.json files."""
 
-    def __init__(self, handlers: Sequence[type], defaults_dirs: Sequence[str | os.PathLike]):
+    def __init__(self, handlers: Sequence[type], defaults_dirs: Sequence[str | os.PathLike],
+                 schema: Schema = SETTINGS):
+        self.schema = schema
         self._handlers, self._families = _map_handlers(handlers)
         self._entries: dict[str, ModelEntry] = {}
         self.skipped: dict[str, str] = {}  # model_type -> why it is not offered
@@ -131,7 +125,7 @@ class ModelRegistry:
 
     def factory_settings(self, model_type: str) -> dict[str, Any]:
         entry = self.entry(model_type)
-        settings = copy.deepcopy(BASE_SETTINGS)
+        settings = self.schema.defaults()
         entry.handler.update_default_settings(entry.base_model_type, entry.definition, settings)
         settings.update(copy.deepcopy(entry.settings))
         if hasattr(entry.handler, "fix_settings"):
@@ -139,123 +133,67 @@ class ModelRegistry:
         settings["model_type"] = model_type
         return settings
 
-    def sampler_choices(self, model_type: str) -> list[tuple[str, str]]:
-        """(label, value) pairs; empty when the model does not restrict samplers."""
-        return sampler_choices(self.entry(model_type).definition)
-
-    def resolution_choices(self, model_type: str) -> list[tuple[str, str]]:
-        """(label, "WxH") presets: the definition's `resolutions`, else common ~1 MP sizes."""
-        presets = self.entry(model_type).definition.get("resolutions") or DEFAULT_RESOLUTIONS
-        return [(str(p[0]), str(p[1])) if isinstance(p, (list, tuple)) else (str(p), str(p)) for p in presets]
+    def rule(self, model_type: str, key: str) -> Rule:
+        """What setting `key` accepts for this model (the UI and validation share it)."""
+        return self.schema[key].rule(self.entry(model_type).definition)
 
 
 # ------------------------------------------------------------------------------------------ validation
 
 
-def sampler_choices(definition: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(str(label), str(value)) for label, value in definition.get("sample_solvers", [])]
+@dataclass(frozen=True)
+class Task:
+    """One validated generation: the model and every setting of the schema, each in its clean type.
+
+    `task[key]` reads a setting; `settings()` is the plain dict (JSON, last-used settings, metadata)."""
+
+    model_type: str
+    values: Mapping[str, Any]
+    schema: Schema = field(default=SETTINGS, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.model_type if key == "model_type" else self.values[key]
+
+    def settings(self) -> dict[str, Any]:
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in self.values.items()}
+        return {"model_type": self.model_type, **plain}
+
+    def replace(self, **changes: Any) -> Task:
+        return Task(self.model_type, {**self.values, **changes}, self.schema)
+
+    def lora_strengths(self) -> list[float]:
+        """One strength per activated LoRA: `loras_multipliers` in order, 1.0 for the ones it leaves out."""
+        values = [float(v) for v in self.values["loras_multipliers"].split()]
+        return values + [1.0] * (len(self.values["activated_loras"]) - len(values))
 
 
-def _as_int(key: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingsError(f"{key} must be a whole number, got {value!r}.")
-    try:
-        number = float(value)
-        if not number.is_integer():
-            raise ValueError
-    except ValueError:
-        raise SettingsError(f"{key} must be a whole number, got {value!r}.") from None
-    if not low <= number <= high:
-        raise SettingsError(f"{key} must be between {low} and {high}, got {int(number)}.")
-    return int(number)
+def _check_task(clean: Mapping[str, Any]) -> None:
+    """Rules that tie two settings together."""
+    count, strengths = len(clean["activated_loras"]), len(clean["loras_multipliers"].split())
+    if strengths > count:
+        raise SettingsError(f"loras_multipliers has {strengths} values for {count} activated LoRA(s).")
+    last_seed = clean["seed"] + clean["batch_size"] - 1
+    if clean["seed"] != -1 and last_seed > MAX_SEED:
+        raise SettingsError(f"seed {clean['seed']} with batch_size {clean['batch_size']} gives image "
+                            f"{clean['batch_size']} the seed {last_seed}, above the maximum {MAX_SEED}: use a seed "
+                            f"of at most {MAX_SEED - clean['batch_size'] + 1}.")
 
 
-def _as_float(key: str, value: Any, low: float, high: float, *, low_open: bool = False) -> float:
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{key} must be a number, got {value!r}.") from None
-    if not (low < number if low_open else low <= number) or number > high or number != number:
-        bound = f"above {low:g}" if low_open else f"at least {low:g}"
-        raise SettingsError(f"{key} must be {bound} and at most {high:g}, got {value!r}.")
-    return number
-
-
-def parse_resolution(value: Any, block: int = 16) -> tuple[int, int]:
-    """'WxH' -> (width, height), both multiples of `block` and at most `MAX_SIDE`."""
-    match = _RESOLUTION.match(str(value))
-    if not match:
-        raise SettingsError(f"resolution must look like '1024x1024' (width x height), got {value!r}.")
-    width, height = int(match.group(1)), int(match.group(2))
-    if max(width, height) > MAX_SIDE:
-        raise SettingsError(f"resolution {width}x{height} is too large: each side must be at most {MAX_SIDE} pixels.")
-    if width < block or height < block or width % block or height % block:
-        near = [max(block, round(v / block) * block) for v in (width, height)]
-        raise SettingsError(
-            f"resolution {width}x{height}: width and height must be multiples of {block} "
-            f"(nearest: {near[0]}x{near[1]})."
-        )
-    return width, height
-
-
-def lora_multipliers(settings: Mapping[str, Any]) -> list[float]:
-    """One strength per activated LoRA (Wan2GP: space-separated numbers; a list works too), 1.0 if missing."""
-    raw = settings.get("loras_multipliers") or []
-    items = raw.split() if isinstance(raw, str) else list(raw)
-    try:
-        values = [float(v) for v in items]
-    except (TypeError, ValueError):
-        raise SettingsError(f"loras_multipliers must be numbers separated by spaces, got {raw!r}.") from None
-    count = len(settings.get("activated_loras") or [])
-    if len(values) > count:
-        raise SettingsError(f"loras_multipliers has {len(values)} values for {count} activated LoRA(s).")
-    return values + [1.0] * (count - len(values))
-
-
-def _text(key: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise SettingsError(f"{key} must be text, got {value!r}.")
-    return value
-
-
-def _lora_names(value: Any) -> list[str]:
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
-        raise SettingsError(f"activated_loras must be a list of LoRA file names, got {value!r}.")
-    return list(names)
-
-
-def validate_settings(entry: ModelEntry, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """A clean copy of `settings` (types fixed, ranges checked), or a SettingsError saying what is wrong."""
-    clean = dict(settings)
-    definition = entry.definition
-    clean["prompt"] = _text("prompt", settings.get("prompt"))
-    clean["negative_prompt"] = _text("negative_prompt", settings.get("negative_prompt"))
-    width, height = parse_resolution(settings.get("resolution"), int(definition.get("vae_block_size", 16)))
-    clean["resolution"] = f"{width}x{height}"
-    clean["num_inference_steps"] = _as_int("num_inference_steps", settings.get("num_inference_steps"), 1, MAX_STEPS)
-    clean["guidance_scale"] = _as_float("guidance_scale", settings.get("guidance_scale"), 0.0, 100.0)
-    clean["flow_shift"] = _as_float("flow_shift", settings.get("flow_shift"), 0.0, 100.0, low_open=True)
-    clean["seed"] = _as_int("seed", settings.get("seed"), -1, MAX_SEED)
-    max_batch = int(definition.get("image_batch_size_max", 16))
-    clean["batch_size"] = _as_int("batch_size", settings.get("batch_size"), 1, max_batch)
-    solver = _text("sample_solver", settings.get("sample_solver"))
-    solver = definition.get("sample_solver_aliases", {}).get(solver, solver)  # e.g. "euler_a"
-    samplers = [value for _, value in sampler_choices(definition)]
-    if samplers and solver not in samplers:
-        raise SettingsError(f"Unknown sampler '{solver}': choose one of {', '.join(samplers)}.")
-    clean["sample_solver"] = solver
-    clean["activated_loras"] = _lora_names(settings.get("activated_loras") or [])
-    clean["loras_multipliers"] = " ".join(f"{m:g}" for m in lora_multipliers(clean))
+def validate_settings(entry: ModelEntry, settings: Mapping[str, Any], schema: Schema = SETTINGS) -> Task:
+    """The typed Task for `settings` (every schema key must be present), or a SettingsError saying what is
+    wrong: each value is checked against the rule the schema and the model's definition give it."""
+    clean = {s.key: s.clean(settings.get(s.key), s.rule(entry.definition)) for s in schema}
+    _check_task(clean)
     if hasattr(entry.handler, "validate_generative_settings"):
-        problem = entry.handler.validate_generative_settings(entry.model_type, definition, clean)
+        plain = {k: list(v) if isinstance(v, tuple) else v for k, v in clean.items()}
+        problem = entry.handler.validate_generative_settings(entry.model_type, entry.definition,
+                                                             dict(plain, model_type=entry.model_type))
         if problem:
             raise SettingsError(str(problem))
-    return clean
+    return Task(entry.model_type, clean, schema)
 
 
 def _unwrap(task: Any, where: str) -> dict[str, Any]:
@@ -269,8 +207,8 @@ def _unwrap(task: Any, where: str) -> dict[str, Any]:
 def resolve_task(
     registry: ModelRegistry, task: Any, *, defaults: Mapping[str, Any] | None = None,
     model_type: str | None = None, where: str = "task",
-) -> tuple[dict[str, Any], list[str]]:
-    """Complete, validated settings for one task, and warnings (unknown keys) to show the user.
+) -> tuple[Task, list[str]]:
+    """The validated Task for one set of settings, and warnings (unknown keys) to show the user.
 
     `defaults` (e.g. CLI flags) sit between the model's defaults and the task; `model_type` is used when
     neither the task nor `defaults` names one.
@@ -287,13 +225,12 @@ def resolve_task(
         settings = registry.factory_settings(str(chosen))
     except SettingsError as e:
         raise SettingsError(located(e)) from None
-    known = set(settings) | {"base_model_type"}
+    known = set(settings) | {"base_model_type"} | registry.schema.extra_json_keys()
     unknown = sorted(k for k in task if k not in known)
-    settings.update({k: v for k, v in defaults.items() if k in known})
-    settings.update({k: v for k, v in task.items() if k in known and k != "base_model_type"})
-    settings["model_type"] = str(chosen)
+    settings.update({k: v for k, v in defaults.items() if k in registry.schema})
+    settings.update({k: v for k, v in task.items() if k in registry.schema})
     try:
-        clean = validate_settings(registry.entry(str(chosen)), settings)
+        clean = validate_settings(registry.entry(str(chosen)), settings, registry.schema)
     except SettingsError as e:
         raise SettingsError(located(e)) from None
     warnings = []
@@ -315,12 +252,25 @@ def load_tasks_file(path: str | os.PathLike) -> list[Any]:
 # ------------------------------------------------------------------------------------------ persistence
 
 
+def new_file_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give a new file: 0o666 less the umask (mkstemp's
+    files are 0o600 whatever the umask says)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=False)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

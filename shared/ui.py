@@ -1,9 +1,11 @@
 """The Gradio web UI: settings on the left, live progress, results and the queue on the right.
 
 Generate validates the settings and adds a task to the `JobQueue`; a timer polls the queue's snapshot to
-draw progress (step, speed, ETA, a latent preview), the gallery and the queue. Every setting shown comes
-from the model definition (defaults/*.json through the handler) or from the last-used settings of that
-model, which are saved at each Generate and restored after a restart.
+draw progress (step, speed, ETA, a latent preview), the gallery and the queue. The setting controls are
+built from the settings schema (shared/settings_schema.py): one control per setting, with the choices
+and ranges validation uses for the chosen model (numbers are never clamped: a value out of range gets
+validation's message). Values come from the model definition (defaults/*.json through the handler) or
+from the last-used settings of that model, which are saved at each Generate and restored after a restart.
 """
 
 from __future__ import annotations
@@ -11,29 +13,34 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from shared.cli_args import DEFAULT_PORT
+from shared.cli_args import port_in_use_message, server_port
 from shared.images import latent_preview, read_image_metadata, read_image_settings
 from shared.jobs import Job, JobQueue, Snapshot
 from shared.loras import list_loras
 from shared.runtime import Runtime
 from shared.settings import ModelRegistry, SettingsError, SettingsStore, resolve_task
+from shared.settings_schema import Setting, SettingGroup
 
-# settings key of each input component, in the order the event handlers receive them
-FIELDS = ("prompt", "negative_prompt", "resolution", "num_inference_steps", "guidance_scale", "flow_shift",
-          "sample_solver", "seed", "batch_size", "activated_loras", "loras_multipliers")
 POLL_SECONDS = 0.5
+MAX_UI_LORAS = 8  # strength controls shown for the chosen LoRAs
+SHUTDOWN_WAIT_S = 10.0  # on Ctrl-C, how long the running step may take to stop before the process exits
 
 CSS = """
 .app-header {display: flex; align-items: baseline; gap: 14px; padding: 6px 4px 2px}
 .app-header h1 {margin: 0; font-size: 1.7em; font-weight: 700; letter-spacing: -0.02em}
 .app-header span {opacity: 0.65}
 #generate-btn {min-height: 52px; font-size: 1.1em}
+#abort-btn {min-height: 52px; background: #e5484d; border-color: #e5484d; color: #fff; font-weight: 600}
+#abort-btn:hover {background: #c9373c}
+.seed-buttons {gap: 6px !important; justify-content: center}
+.seed-buttons button {min-height: 0 !important; padding: 4px 8px !important}
 .status {padding: 10px 14px; border-radius: 10px; background: var(--block-background-fill);
          border: 1px solid var(--border-color-primary); min-height: 62px}
 .status .line {display: flex; justify-content: space-between; gap: 12px; font-weight: 600}
@@ -43,6 +50,7 @@ CSS = """
               overflow: hidden}
 .status .bar div {height: 100%; background: var(--color-accent); transition: width 0.3s}
 .status.failed {border-color: #e5484d} .status.failed .line {color: #e5484d}
+.status.failed .sub {white-space: pre-wrap; overflow: visible; opacity: 0.9}
 .status.done .line {color: var(--color-accent)}
 .status .pulse div {width: 35% !important; animation: slide 1.2s infinite ease-in-out}
 @keyframes slide {0% {margin-left: -35%} 100% {margin-left: 100%}}
@@ -54,6 +62,7 @@ CSS = """
               -webkit-box-orient: vertical; overflow: hidden}
 .model-info:hover {-webkit-line-clamp: unset}
 .model-info p {margin: 2px 0 !important}
+@media (max-width: 900px) {#main-row {flex-direction: column} #results-column {order: -1}}
 """
 
 
@@ -101,12 +110,144 @@ def status_html(snap: Snapshot) -> str:
     return f"<div class='status {last.status}'><div class='line'><span>{title}</span></div><div class='sub'>{detail}</div></div>"
 
 
+def _number_value(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, float)) else str(value)
+
+
+class SettingControls:
+    """One UI control per schema setting that has a `ui` kind. `inputs` lists the components in the order
+    the event handlers receive their values; `to_settings` and `updates` translate both ways."""
+
+    WIDE = ("textbox", "loras", "strengths", "image")
+
+    def __init__(self, app: WebApp):
+        self.app = app
+        self.schema = app.registry.schema
+        self.settings = [s for s in self.schema if s.ui is not None]
+        self.components: dict[str, Any] = {}
+        self.strengths: list[Any] = []
+        self.seed_buttons: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------------------------------ building
+
+    def build_group(self, group: SettingGroup, model_type: str) -> None:
+        row: list[Setting] = []
+
+        def flush() -> None:
+            if row:
+                with gr.Row():
+                    for setting in row:
+                        self._make(setting, model_type)
+                row.clear()
+
+        for setting in group.settings:
+            if setting.ui is None:
+                continue
+            if setting.ui in self.WIDE or setting.key == "seed":
+                flush()
+                self._make(setting, model_type)
+            else:
+                row.append(setting)
+                if len(row) == 2:
+                    flush()
+        flush()
+
+    def _make(self, s: Setting, model_type: str) -> None:
+        rule = self.app.registry.rule(model_type, s.key)
+        common = {"label": s.label, "elem_id": s.key}
+        if s.ui == "textbox":
+            self.components[s.key] = gr.Textbox(lines=s.ui_lines, **common)
+        elif s.ui == "number" and s.key == "seed":
+            with gr.Row(equal_height=False):
+                self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, scale=4, **common)
+                with gr.Column(scale=1, min_width=110, elem_classes="seed-buttons"):
+                    self.seed_buttons = (gr.Button("Random", size="sm", elem_id="random-seed"),
+                                         gr.Button("Last used", size="sm", elem_id="last-seed"))
+        elif s.ui == "number":
+            self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, **common)
+        elif s.ui in ("dropdown", "resolution"):
+            self.components[s.key] = gr.Dropdown(allow_custom_value=s.ui == "resolution", **common)
+        elif s.ui == "image":
+            self.components[s.key] = gr.Image(type="filepath", sources=["upload"], height=160, **common)
+        elif s.ui == "loras":
+            self.components[s.key] = gr.Dropdown(multiselect=True, max_choices=MAX_UI_LORAS, **common)
+        elif s.ui == "strengths":
+            with gr.Row(elem_id=s.key):
+                self.strengths = [gr.Number(value=1.0, step=0.05, visible=False, min_width=140,
+                                            elem_classes="lora-strength") for _ in range(MAX_UI_LORAS)]
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [c for s in self.settings
+                for c in (self.strengths if s.ui == "strengths" else [self.components[s.key]])]
+
+    # --------------------------------------------------------------------------- values both ways
+
+    def to_settings(self, values: list[Any]) -> dict[str, Any]:
+        """The settings the controls hold (raw: validation types and checks them)."""
+        it = iter(values)
+        settings: dict[str, Any] = {}
+        for s in self.settings:
+            if s.ui == "strengths":
+                strengths = [next(it) for _ in self.strengths]
+                active = next((settings[o.key] for o in self.settings if o.ui == "loras"), None) or []
+                settings[s.key] = strengths[:len(active)]
+            else:
+                settings[s.key] = next(it)
+        return settings
+
+    def updates(self, model_type: str, settings: dict[str, Any]) -> list[Any]:
+        """gr.update()s that show `settings` (and the model's choices and ranges) in `inputs` order."""
+        out: list[Any] = []
+        for s in self.settings:
+            rule = self.app.registry.rule(model_type, s.key)
+            value = settings.get(s.key)
+            if s.ui == "number":
+                out.append(gr.update(value=_number_value(value), info=rule.range_text()))
+            elif s.ui == "dropdown":
+                choices = [list(c) for c in rule.choices] or [[str(value), value]]
+                known = [c[1] for c in choices]
+                out.append(gr.update(choices=choices, value=value if value in known else known[0]))
+            elif s.ui == "resolution":
+                presets = [list(p) for p in rule.presets]
+                if str(value) not in [p[1] for p in presets]:
+                    presets.insert(0, [str(value), str(value)])
+                out.append(gr.update(choices=presets, value=str(value)))
+            elif s.ui == "loras":
+                files = list_loras(self.app.runtime.lora_dir(model_type))
+                out.append(gr.update(choices=files, value=[n for n in value or [] if n in files][:MAX_UI_LORAS]))
+            elif s.ui == "strengths":
+                out += self.strength_updates(settings)
+            else:
+                out.append(value if value is not None else "")
+        return out
+
+    def strength_updates(self, settings: dict[str, Any]) -> list[Any]:
+        """Each chosen LoRA's own strength box (labelled with its name); the others hidden."""
+        loras_key = next(s.key for s in self.settings if s.ui == "loras")
+        strengths_key = next(s.key for s in self.settings if s.ui == "strengths")
+        active = list(settings.get(loras_key) or [])[:MAX_UI_LORAS]
+        raw = settings.get(strengths_key) or []
+        values = [float(v) for v in (raw.split() if isinstance(raw, str) else raw) if v is not None]
+        values += [1.0] * (len(active) - len(values))
+        return [gr.update(visible=True, label=f"{Path(active[i]).stem} strength", value=values[i]) if i < len(active)
+                else gr.update(visible=False) for i in range(len(self.strengths))]
+
+    def on_loras_change(self, active: list[str] | None, *strengths: Any) -> list[Any]:
+        """Keep the strengths typed so far for LoRAs still chosen; a new LoRA starts at 1."""
+        loras_key = next(s.key for s in self.settings if s.ui == "loras")
+        strengths_key = next(s.key for s in self.settings if s.ui == "strengths")
+        return self.strength_updates({loras_key: active or [], strengths_key: [
+            s if isinstance(s, (int, float)) else 1.0 for s in strengths[:len(active or [])]]})
+
+
 class WebApp:
     """The UI's event handlers around one registry, runtime, queue and settings store."""
 
     def __init__(self, registry: ModelRegistry, runtime: Runtime, store: SettingsStore):
         self.registry, self.runtime, self.store = registry, runtime, store
         self.queue = JobQueue(runtime, preview=self._preview, log=runtime.log)
+        self.controls: SettingControls | None = None
 
     def _preview(self, model_type: str, latent: Any):
         """A step's latents as an image, with the family's latent->RGB factors (None if it has none)."""
@@ -129,32 +270,10 @@ class WebApp:
         return settings
 
     def field_updates(self, model_type: str, settings: dict[str, Any]) -> list[Any]:
-        """Values (and model-specific choices) for the model dropdown, its description and every FIELDS
-        component."""
+        """The model dropdown, its description, then every setting control."""
         entry = self.registry.entry(model_type)
-        presets = self.registry.resolution_choices(model_type)
-        resolution = str(settings["resolution"])
-        if resolution not in [value for _, value in presets]:
-            presets = [(resolution, resolution), *presets]
-        samplers = self.registry.sampler_choices(model_type) or [(settings["sample_solver"],) * 2]
-        sampler_values = [v for _, v in samplers]
-        sampler = settings["sample_solver"] if settings["sample_solver"] in sampler_values else sampler_values[0]
-        loras = list_loras(self.runtime.lora_dir(model_type))
-        active = [name for name in settings.get("activated_loras") or [] if name in loras]
-        max_batch = int(entry.definition.get("image_batch_size_max", 16))
-        steps = int(settings["num_inference_steps"])
-        return [
-            gr.update(value=model_type), str(entry.definition.get("description", "")),
-            settings["prompt"], settings["negative_prompt"],
-            gr.update(choices=presets, value=resolution),
-            gr.update(value=steps, maximum=max(100, steps)),
-            float(settings["guidance_scale"]), float(settings["flow_shift"]),
-            gr.update(choices=samplers, value=sampler),
-            int(settings["seed"]),
-            gr.update(value=min(int(settings["batch_size"]), max_batch), maximum=max_batch),
-            gr.update(choices=loras, value=active),
-            str(settings.get("loras_multipliers") or ""),
-        ]
+        return [gr.update(value=model_type), str(entry.definition.get("description", "")),
+                *self.controls.updates(model_type, settings)]
 
     def on_load(self):
         model_type = self.initial_model()
@@ -164,38 +283,39 @@ class WebApp:
         return self.field_updates(model_type, self.settings_for(model_type))
 
     def on_restore(self, path: str | None, current_model: str):
+        """Settings from a dropped file. A file that holds none changes nothing and says why (a warning,
+        not an error, so no field is left under an error overlay)."""
+        untouched = [gr.skip()] * (len(self.controls.inputs) + 2)
         if not path:
-            return [gr.skip()] * (len(FIELDS) + 2)
+            return untouched
         try:
-            restored = read_image_settings(path)
-        except ValueError as e:
-            raise gr.Error(str(e).replace(str(path), "This file"), print_exception=False) from None
-        model_type = restored.get("model_type")
-        if model_type not in self.registry.model_types:
-            model_type = current_model
-        settings = self.settings_for(model_type, restored)
-        samplers = [value for _, value in self.registry.sampler_choices(model_type)]
-        note = ""
-        if samplers and settings["sample_solver"] not in samplers:  # e.g. an A1111 image's "Euler a"
-            note = f" Its sampler '{settings['sample_solver']}' is not available here; using {samplers[0]}."
-            settings["sample_solver"] = samplers[0]
-        try:
-            clean, _ = resolve_task(self.registry, settings, where="")
-        except SettingsError as e:
-            raise gr.Error(f"The settings in this image cannot be used here: {e}", print_exception=False) from None
-        gr.Info("Settings restored from the image." + note)
-        return self.field_updates(model_type, clean)
+            restored, warnings = read_image_settings(path, self.registry.schema)
+            model_type = restored.get("model_type")
+            if model_type not in self.registry.model_types:
+                model_type = current_model
+            task, _ = resolve_task(self.registry, self.settings_for(model_type, restored), where="")
+        except (SettingsError, ValueError) as e:
+            message = str(e).replace(str(path), "This file").replace(Path(path).name, "this file")
+            gr.Warning(f"No settings restored: {message}")
+            return untouched
+        gr.Info(" ".join(["Settings restored from the image.", *(w[0].upper() + w[1:] + "." for w in warnings)]))
+        return self.field_updates(model_type, task.settings())
+
+    def on_drop(self, path: str | None, current_model: str):
+        """`on_restore`, then the drop zone emptied for the next file."""
+        return [*self.on_restore(path, current_model), None]
 
     # ------------------------------------------------------------------------------------- actions
 
     def on_generate(self, model_type: str, *values: Any) -> None:
-        task = dict(zip(FIELDS, values), model_type=model_type)
+        task_settings = self.controls.to_settings(list(values))
         try:
-            settings, _ = resolve_task(self.registry, task, where="")
-        except SettingsError as e:
+            task, _ = resolve_task(self.registry, dict(task_settings, model_type=model_type), where="")
+            self.runtime.check(task)
+        except (SettingsError, ValueError, OSError) as e:
             raise gr.Error(str(e), print_exception=False) from None
-        self.store.save(model_type, settings)
-        self.queue.submit(settings)
+        self.store.save(model_type, task.settings())
+        self.queue.submit(task)
 
     def on_abort(self) -> None:
         if self.queue.abort():
@@ -211,10 +331,12 @@ class WebApp:
             parameters = None
         return parameters or "(this image carries no settings)", path
 
-    def refresh_loras(self, model_type: str, active: list[str] | None):
-        return gr.update(choices=list_loras(self.runtime.lora_dir(model_type)), value=active or [])
+    def refresh_loras(self, model_type: str):
+        """The LoRA choices, re-read from the folder (files added meanwhile); the chosen ones are left alone,
+        so a pick made while this answer travels is not undone."""
+        return gr.update(choices=list_loras(self.runtime.lora_dir(model_type)))
 
-    def last_seed(self, current: int) -> int:
+    def last_seed(self, current: Any) -> Any:
         """The seed the last finished task used (its first image's), for the "Last used" button."""
         last = self.queue.snapshot().last
         return last.seed if last is not None and last.seed is not None else current
@@ -224,15 +346,15 @@ class WebApp:
     def on_tick(self, seen: dict[str, int]):
         snap = self.queue.snapshot()
         if snap.version == seen.get("version"):
-            return [gr.skip()] * 5
+            return [gr.skip()] * 7
         running = snap.progress is not None
         outputs = [dict(seen, version=snap.version), status_html(snap)]
         outputs.append(gr.update(value=snap.preview, visible=running and snap.preview is not None))
         if snap.results_version != seen.get("results"):
             outputs[0]["results"] = snap.results_version
-            outputs.append([(str(r.path), f"seed {r.seed}") for r in snap.results])
+            outputs += [[(str(r.path), _caption(r.settings)) for r in snap.results], "", None]
         else:
-            outputs.append(gr.skip())
+            outputs += [gr.skip()] * 3
         if snap.queue_version != seen.get("queue"):
             outputs[0]["queue"] = snap.queue_version
             outputs.append([(job.id, _job_label(job)) for job in snap.queue])
@@ -246,38 +368,34 @@ class WebApp:
         return outputs
 
 
+def _caption(settings: dict[str, Any]) -> str:
+    """A gallery caption that tells images apart: seed, size, steps, CFG, sampler."""
+    return (f"seed {settings['seed']} · {settings['resolution']} · {settings['num_inference_steps']} steps · "
+            f"CFG {settings['guidance_scale']:g} · {settings['sample_solver']}")
+
+
 def _settings_panel(app: WebApp) -> dict[str, Any]:
-    """The left column: model, prompts, sampling settings, Generate/Abort, the image drop zone."""
+    """The left column: model, the settings' controls by group, Generate/Abort, the image drop zone."""
     registry = app.registry
+    model_type = app.initial_model()
+    controls = app.controls = SettingControls(app)
     c: dict[str, Any] = {}
-    c["model"] = gr.Dropdown([(registry.entry(t).name, t) for t in registry.model_types], value=app.initial_model(),
+    c["model"] = gr.Dropdown([(registry.entry(t).name, t) for t in registry.model_types], value=model_type,
                              label="Model", interactive=True)
     c["model_info"] = gr.Markdown(elem_classes="model-info")
-    c["prompt"] = gr.Textbox(label="Prompt", lines=4, elem_id="prompt",
-                             placeholder="masterpiece, best quality, score_7, safe, 1girl, ...")
-    c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
-    with gr.Row():
-        c["resolution"] = gr.Dropdown(label="Resolution (W x H)", allow_custom_value=True, elem_id="resolution",
-                                      scale=2)
-        c["batch_size"] = gr.Slider(1, 16, step=1, label="Batch size", elem_id="batch-size", scale=2)
-    with gr.Row():
-        c["num_inference_steps"] = gr.Slider(1, 100, step=1, label="Steps", elem_id="steps")
-        c["guidance_scale"] = gr.Slider(0, 15, step=0.1, label="CFG scale", elem_id="cfg")
-    with gr.Row():
-        c["flow_shift"] = gr.Slider(0.1, 10, step=0.1, label="Shift", elem_id="shift")
-        c["sample_solver"] = gr.Dropdown(label="Sampler", elem_id="sampler")
-    with gr.Row(equal_height=True):
-        c["seed"] = gr.Number(label="Seed (-1 = random)", precision=0, elem_id="seed", scale=4)
-        c["random_seed"] = gr.Button("Random", size="sm", scale=1, min_width=70)
-        c["reuse_seed"] = gr.Button("Last used", size="sm", scale=1, min_width=70)
-    with gr.Accordion("LoRAs", open=False):
-        c["activated_loras"] = gr.Dropdown(label="Active LoRAs", multiselect=True, elem_id="loras")
-        c["loras_multipliers"] = gr.Textbox(label="Strengths (one per LoRA, space separated)", placeholder="1.0 0.8")
+    for group in registry.schema.groups:
+        if not any(s.ui for s in group.settings):
+            continue
+        if group.main:
+            controls.build_group(group, model_type)
+        else:
+            with gr.Accordion(group.title, open=False):
+                controls.build_group(group, model_type)
     with gr.Row():
         c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=3)
-        c["abort"] = gr.Button("Abort", variant="stop", elem_id="abort-btn", scale=1)
-    c["dropped"] = gr.Image(label="Drop a generated image here to restore its settings", type="filepath",
-                            sources=["upload"], height=150, elem_id="restore-image")
+        c["abort"] = gr.Button("■ Abort", variant="stop", elem_id="abort-btn", scale=1)
+    c["dropped"] = gr.File(label="Drop a generated image here to restore its settings", type="filepath",
+                           height=110, elem_id="restore-image")
     return c
 
 
@@ -292,7 +410,7 @@ def _results_panel(app: WebApp, demo: gr.Blocks) -> dict[str, Any]:
     c["details"] = gr.Textbox(label="Image settings (click a result)", lines=3, interactive=False,
                               buttons=["copy"], elem_id="image-details")
     c["selected"] = gr.State(None)
-    c["reuse"] = gr.Button("Use this image's settings", size="sm")
+    c["reuse"] = gr.Button("Use this image's settings", size="sm", elem_id="reuse-btn")
     gr.Markdown("### Queue")
     c["queue_items"] = gr.State([])
     with gr.Column(elem_id="queue"):
@@ -313,15 +431,17 @@ def _results_panel(app: WebApp, demo: gr.Blocks) -> dict[str, Any]:
 def build_ui(app: WebApp) -> gr.Blocks:
     with gr.Blocks(title="AnimaGP", analytics_enabled=False) as demo:
         gr.HTML("<div class='app-header'><h1>AnimaGP</h1><span>Anima text-to-image, on your machine</span></div>")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=360):
+        with gr.Row(equal_height=False, elem_id="main-row"):
+            with gr.Column(scale=5, min_width=360, elem_id="settings-column"):
                 left = _settings_panel(app)
-            with gr.Column(scale=7, min_width=420):
+            with gr.Column(scale=7, min_width=420, elem_id="results-column"):
                 right = _results_panel(app, demo)
-        model, fields = left["model"], [left[key] for key in FIELDS]
+        controls = app.controls
+        model, fields = left["model"], controls.inputs
         model_outputs = [model, left["model_info"], *fields]
         seen = gr.State({})
-        live = [seen, right["status"], right["preview"], right["gallery"], right["queue_items"]]
+        live = [seen, right["status"], right["preview"], right["gallery"], right["details"], right["selected"],
+                right["queue_items"]]
         gr.Timer(POLL_SECONDS).tick(app.on_tick, seen, live, show_progress="hidden")
         # the page is ready for input once its fields hold the stored settings (tests wait for the mark)
         demo.load(app.on_load, None, model_outputs).then(None, js="() => { document.body.dataset.ready = '1'; }")
@@ -329,36 +449,51 @@ def build_ui(app: WebApp) -> gr.Blocks:
         left["generate"].click(app.on_generate, [model, *fields], None, show_progress="hidden",
                                trigger_mode="multiple")  # clicks while busy queue up
         left["abort"].click(app.on_abort, None, None, show_progress="hidden")
-        left["random_seed"].click(lambda: -1, None, left["seed"], show_progress="hidden")
-        left["reuse_seed"].click(app.last_seed, left["seed"], left["seed"], show_progress="hidden")
-        left["dropped"].upload(app.on_restore, [left["dropped"], model], model_outputs)
-        left["activated_loras"].focus(app.refresh_loras, [model, left["activated_loras"]], left["activated_loras"],
-                                      show_progress="hidden")  # picks up files added meanwhile
+        seed = controls.components["seed"]
+        random_seed, last_seed = controls.seed_buttons
+        random_seed.click(lambda: -1, None, seed, show_progress="hidden")
+        last_seed.click(app.last_seed, seed, seed, show_progress="hidden")
+        left["dropped"].upload(app.on_drop, [left["dropped"], model], [*model_outputs, left["dropped"]],
+                               show_progress="hidden")
+        loras = next(controls.components[s.key] for s in controls.settings if s.ui == "loras")
+        loras.focus(app.refresh_loras, model, loras, show_progress="hidden")  # picks up new files
+        loras.change(controls.on_loras_change, [loras, *controls.strengths], controls.strengths,
+                     show_progress="hidden")
         right["clear"].click(app.queue.clear, None, None, show_progress="hidden")
         right["gallery"].select(app.on_select, None, [right["details"], right["selected"]], show_progress="hidden")
-        right["reuse"].click(app.on_restore, [right["selected"], model], model_outputs)
+        right["reuse"].click(app.on_restore, [right["selected"], model], model_outputs, show_progress="hidden")
     return demo
 
 
 def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) -> None:
-    """Serve the UI until Ctrl-C (the KeyboardInterrupt goes on to `main`, which exits with 130).
+    """Serve the UI until Ctrl-C or SIGTERM (the KeyboardInterrupt goes on to `main`, which exits with 130).
     Binds 127.0.0.1 unless --listen; of the disk, only the output folder is served."""
     if not registry.model_types:
         raise ValueError("No model is available: defaults/ holds no definition a family handler supports.")
+    port = server_port(args)
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     app = WebApp(registry, runtime, SettingsStore(args.settings))
     demo = build_ui(app)
-    port = args.server_port or int(os.environ.get("SERVER_PORT", DEFAULT_PORT))
     theme = gr.themes.Soft(primary_hue="pink", secondary_hue="violet", neutral_hue="slate")
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=port, inbrowser=args.open_browser,
-        allowed_paths=[str(output_dir)], blocked_paths=[str(Path(args.ckpts_dir).resolve())],
-        theme=theme, css=CSS, ssr_mode=False, show_error=True, prevent_thread_lock=True, quiet=False,
-    )
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=port, inbrowser=args.open_browser,
+            allowed_paths=[str(output_dir)], blocked_paths=[str(Path(args.ckpts_dir).resolve())],
+            theme=theme, css=CSS, ssr_mode=False, show_error=True, prevent_thread_lock=True, quiet=False,
+        )
+    except OSError as e:
+        if "port" not in str(e).lower():
+            raise
+        raise OSError(port_in_use_message(port)) from None
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
+        stopped = app.queue.stop(SHUTDOWN_WAIT_S)
         demo.close()
+        if not stopped:  # a step still runs on the worker: exiting normally would abort inside torch
+            print("Interrupted.", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(130)
         raise

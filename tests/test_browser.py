@@ -1,13 +1,16 @@
 """The web UI in a real browser (Debian's chromium driven by Playwright), on tiny real-format weights.
 
 One server and one page go through what a user does: generate an image, queue more while busy and remove
-one, abort a long run, make a mistake and see a clear message, restore settings by dropping an image,
-and reload the page with the last-used settings back. It also checks what the server exposes.
+one, abort a long run, make mistakes and see clear messages (typed values are never clamped), drop a
+file that is not an image, restore settings by dropping an image, give each LoRA its own strength, look
+at it on a phone, reload the page with the last-used settings back, and stop the server with Ctrl-C
+during a generation. It also checks what the server exposes.
 """
 
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,23 +61,29 @@ def _status(url: str) -> int:
 def server(tmp_path_factory):
     from tests.tiny_ckpts import write_tiny_ckpts
 
+    from tests.tiny_ckpts import write_tiny_lora
+
     root = tmp_path_factory.mktemp("ui")
-    ckpts, outputs, settings = root / "ckpts", root / "outputs", root / "settings"
+    ckpts, outputs, settings, loras = root / "ckpts", root / "outputs", root / "settings", root / "loras"
     write_tiny_ckpts(ckpts)
+    loras.mkdir()
+    write_tiny_lora(loras / "style.safetensors")
+    write_tiny_lora(loras / "detail.safetensors", seed=1)
+    write_tiny_lora(loras / "wrong_size.safetensors", width=32)  # made for another model: fails when merged
     port = _free_port()
     log = root / "server.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "wgp.py"), "--server-port", str(port), "--ckpts-dir", str(ckpts),
-             "--output-dir", str(outputs), "--settings", str(settings)],
+             "--output-dir", str(outputs), "--settings", str(settings), "--lora-dir", str(loras)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_for_http(url, proc, log)
         yield {"url": url, "proc": proc, "root": root, "ckpts": ckpts, "outputs": outputs, "settings": settings,
-               "log": log}
+               "log": log, "port": port}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -109,10 +118,32 @@ def _wait_status(page, text: str) -> None:
     page.wait_for_function("t => document.querySelector('#status').innerText.includes(t)", arg=text)
 
 
+def _open_loras(page) -> None:
+    if not page.locator("#activated_loras").is_visible():
+        page.locator("button", has_text="LoRAs").first.click()
+    page.locator("#activated_loras").wait_for()
+
+
+def _clear_loras(page) -> None:
+    _open_loras(page)
+    if page.locator("#activated_loras .remove-all").count():
+        page.locator("#activated_loras .remove-all").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.lora-strength')]"
+                           ".filter(e => e.offsetParent !== null).length === 0")
+
+
+def _toast(page, text: str) -> str:
+    toast = page.locator(".toast-body", has_text=text).last
+    toast.wait_for()
+    message = toast.inner_text()
+    page.evaluate("() => document.querySelectorAll('.toast-close').forEach(b => b.click())")
+    return message
+
+
 def test_generate_shows_the_image_in_the_gallery(page, server):
     _set_field(page, "prompt", "1girl, smile, cherry blossoms")
     _set_field(page, "resolution", "64x48")
-    _set_field(page, "steps", 2)
+    _set_field(page, "num_inference_steps", 2)
     _set_field(page, "seed", 123)
     page.click("#generate-btn")
     thumb = page.locator("#gallery .thumbnail-item img").first
@@ -129,14 +160,29 @@ def test_generate_shows_the_image_in_the_gallery(page, server):
 
     page.locator("#gallery .thumbnail-item").first.click()  # the gallery shows each image's settings
     page.wait_for_function("() => document.querySelector('#image-details textarea').value.includes('Seed: 123')")
+    page.keyboard.press("Escape")
     page.screenshot(path=str(server["root"] / "after_generate.png"), full_page=True)
+
+
+def test_new_results_clear_the_old_images_settings_and_captions_tell_images_apart(page, server):
+    assert page.input_value("#image-details textarea") != ""  # from the image clicked before
+    _set_field(page, "seed", 124)
+    page.click("#generate-btn")
+    page.wait_for_function("() => document.querySelectorAll('#gallery .thumbnail-item').length === 2")
+    page.wait_for_function("() => document.querySelector('#image-details textarea').value === ''")
+    captions = page.evaluate("() => [...document.querySelectorAll('#gallery .thumbnail-item')].map("
+                             "e => e.getAttribute('aria-label') || e.innerText)")
+    page.locator("#gallery .thumbnail-item").first.click()
+    caption = page.locator("#gallery .caption-label, #gallery figcaption").first.inner_text()
+    page.keyboard.press("Escape")
+    assert "seed 124 · 64x48 · 2 steps · CFG" in caption, (caption, captions)
 
 
 def test_long_run_aborts_and_the_queue_can_be_edited(page, server):
     before = _outputs(server)
     _set_field(page, "prompt", "long run")
     _set_field(page, "resolution", "512x512")
-    _set_field(page, "steps", 100)
+    _set_field(page, "num_inference_steps", 100)
     page.click("#generate-btn")
     _wait_status(page, "Step")
     _set_field(page, "prompt", "queued while busy")
@@ -158,10 +204,106 @@ def test_long_run_aborts_and_the_queue_can_be_edited(page, server):
 def test_bad_settings_give_a_clear_message_and_the_server_lives_on(page, server):
     _set_field(page, "resolution", "1000x1000")
     page.click("#generate-btn")
-    toast = page.locator(".toast-body", has_text="multiples of 16")
-    toast.wait_for()
-    assert "1000x1000" in toast.inner_text()
+    assert "1000x1000" in _toast(page, "multiples of 16")
+    _set_field(page, "resolution", "64x48")
     assert server["proc"].poll() is None and _status(server["url"]) == 200
+
+
+@pytest.mark.parametrize("elem_id, typed, message", [
+    ("num_inference_steps", "0", "num_inference_steps must be between 1 and 1000, got 0"),
+    ("num_inference_steps", "1001", "num_inference_steps must be between 1 and 1000, got 1001"),
+    ("guidance_scale", "200", "guidance_scale must be between 0 and 100, got 200"),
+    ("guidance_scale", "", "guidance_scale is empty"),
+])
+def test_typed_numbers_are_never_clamped(page, server, elem_id, typed, message):
+    """What is typed stays as typed, and Generate says what is wrong with it (nothing is queued)."""
+    before = page.input_value("#guidance_scale input"), page.input_value("#num_inference_steps input")
+    _set_field(page, elem_id, typed)
+    page.click("#generate-btn")
+    _toast(page, message)
+    assert page.input_value(f"#{elem_id} input") == typed
+    _set_field(page, "guidance_scale", before[0])
+    _set_field(page, "num_inference_steps", before[1])
+
+
+def test_a_lora_name_outside_the_folder_is_refused_without_a_look_at_the_disk(page, server):
+    _set_field(page, "prompt", "1girl <lora:../ckpts/anima-preview:1>")
+    page.click("#generate-btn")
+    message = _toast(page, "must stay inside the LoRA folder")
+    assert "safetensors file" not in message
+    _set_field(page, "prompt", "1girl, smile")
+
+
+def test_each_chosen_lora_gets_its_own_strength(page, server):
+    _open_loras(page)
+    loras = page.locator("#activated_loras input")
+    for name in ("style.safetensors", "detail.safetensors"):
+        loras.click()
+        page.locator("[role=option]", has_text=name).click()
+    page.keyboard.press("Escape")
+    boxes = page.locator(".lora-strength:visible")
+    page.wait_for_function("() => [...document.querySelectorAll('.lora-strength')]"
+                           ".filter(e => e.offsetParent !== null).length === 2")
+    labels = [boxes.nth(i).inner_text() for i in range(2)]
+    assert "style strength" in labels[0] and "detail strength" in labels[1]
+    page.screenshot(path=str(server["root"] / "loras.png"), full_page=True)
+    boxes.nth(0).locator("input").fill("0.5")
+    boxes.nth(0).locator("input").press("Enter")
+    before = set(_outputs(server))
+    page.click("#generate-btn")
+    page.wait_for_function("n => document.querySelectorAll('#gallery .thumbnail-item').length === n",
+                           arg=len(before) + 1)
+    [made] = set(_outputs(server)) - before
+    from shared.images import read_image_settings
+
+    settings = read_image_settings(made)[0]
+    assert (settings["activated_loras"], settings["loras_multipliers"]) == (
+        ["style.safetensors", "detail.safetensors"], "0.5 1")
+
+
+def test_a_failed_task_shows_its_whole_message(page, server):
+    """A LoRA made for another model passes the file check and fails when merged: the status card shows
+    the full message (wrapped, not cut with an ellipsis)."""
+    loras = page.locator("#activated_loras input")
+    _clear_loras(page)
+    loras.click()
+    page.locator("[role=option]", has_text="wrong_size.safetensors").click()
+    page.keyboard.press("Escape")
+    page.click("#generate-btn")
+    _wait_status(page, "failed")
+    detail = page.locator("#status .sub")
+    text = detail.inner_text()
+    assert "does not fit this model" in text and "made for another model" in text
+    assert detail.evaluate("e => e.scrollWidth <= e.clientWidth && getComputedStyle(e).whiteSpace") == "pre-wrap"
+    _clear_loras(page)
+
+
+def test_dropping_a_file_that_is_not_an_image_warns_and_leaves_every_field_usable(page, server):
+    (server["root"] / "notes.txt").write_text("not an image")
+    page.locator("#restore-image input[type=file]").set_input_files(str(server["root"] / "notes.txt"))
+    assert "No settings restored" in _toast(page, "not an image file")
+    assert page.locator("#settings-column .error").count() == 0
+    _set_field(page, "prompt", "still editable")
+    assert page.input_value("#prompt textarea") == "still editable"
+
+
+def test_buttons_look_like_what_they_do(page, server):
+    """Random and Last used are small buttons, not tall boxes; Abort is red like a stop button."""
+    for button in ("#random-seed", "#last-seed"):
+        assert page.locator(button).bounding_box()["height"] < 40
+    background = page.locator("#abort-btn").evaluate("e => getComputedStyle(e).backgroundColor")
+    red, green, blue = (int(v) for v in re.findall(r"\d+", background)[:3])
+    assert red > 180 and green < 110 and blue < 110, background
+
+
+def test_on_a_phone_progress_and_results_come_before_the_form(page, server):
+    phone = page.context.browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True)
+    phone.goto(server["url"])
+    phone.wait_for_selector("body[data-ready='1']")
+    status, prompt = (phone.locator(sel).bounding_box() for sel in ("#status", "#prompt"))
+    phone.screenshot(path=str(server["root"] / "phone.png"), full_page=True)
+    phone.close()
+    assert status["y"] < prompt["y"]
 
 
 def test_dropping_an_image_restores_its_settings(page, server):
@@ -170,16 +312,17 @@ def test_dropping_an_image_restores_its_settings(page, server):
     _set_field(page, "seed", 999)
     page.locator("#restore-image input[type=file]").set_input_files(str(first))
     page.wait_for_function("() => document.querySelector('#prompt textarea').value === '1girl, smile, cherry blossoms'")
+    _toast(page, "Settings restored")
     assert page.input_value("#seed input") == "123"
     assert page.input_value("#resolution input") == "64x48"
 
 
 def test_last_used_settings_come_back_after_a_reload(page, server):
     stored = json.loads((server["settings"] / "anima_preview_settings.json").read_text())
-    assert stored["prompt"] == "queued while busy" and stored["resolution"] == "512x512"
     page.reload()
     page.wait_for_selector("body[data-ready='1']")
-    assert page.input_value("#prompt textarea") == "queued while busy"
+    assert page.input_value("#prompt textarea") == stored["prompt"] != ""
+    assert page.input_value("#resolution input") == stored["resolution"]
 
 
 def test_server_is_local_only_and_serves_only_the_output_folder(server):
@@ -191,3 +334,20 @@ def test_server_is_local_only_and_serves_only_the_output_folder(server):
     assert _status(f"{server['url']}gradio_api/file={weights}") == 403
     assert _status(f"{server['url']}gradio_api/file={server['root'] / 'server.log'}") == 403
     assert _status(f"{server['url']}gradio_api/file={_outputs(server)[0]}") == 200
+
+
+def test_ctrl_c_during_a_generation_exits_130(page, server):
+    """Last: it stops the server. The running step ends and the process exits cleanly, not by SIGABRT."""
+    _clear_loras(page)  # the last Generate stored the misfit LoRA
+    _set_field(page, "prompt", "long run")
+    _set_field(page, "resolution", "512x512")
+    _set_field(page, "num_inference_steps", 200)
+    last_job = int(re.search(r"#(\d+)", page.inner_text("#status .line")).group(1))
+    job = f"#{last_job + 1} "
+    page.click("#generate-btn")
+    page.wait_for_function("j => { const t = document.querySelector('#status .line').innerText;"
+                           " return t.includes(j) && /Step|failed/.test(t); }", arg=job)
+    assert "Step" in page.inner_text("#status"), page.inner_text("#status")
+    server["proc"].send_signal(signal.SIGINT)
+    assert server["proc"].wait(timeout=60) == 130
+    assert server["log"].read_text().rstrip().endswith("Interrupted.")

@@ -184,6 +184,7 @@ def fake_hub(calls):
 def test_fetch_downloads_missing_files_flat_into_ckpts(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(files, "hf_hub_download", fake_hub(calls))
+    monkeypatch.setattr(files, "hub_unreachable_reason", lambda: None)
     (tmp_path / VAE_FILE).write_bytes(b"placed by hand")
     paths = files.fetch_model_files(handler, "anima", json.loads(DEFINITION.read_text())["model"], tmp_path)
     assert paths == [tmp_path / DIT_FILE, tmp_path / TEXT_ENCODER_FILE, tmp_path / VAE_FILE]
@@ -197,15 +198,40 @@ def test_fetch_downloads_missing_files_flat_into_ckpts(tmp_path, monkeypatch):
     assert calls == []
 
 
-def test_offline_and_missing_is_one_clear_error(tmp_path, monkeypatch):
+def test_missing_files_offline_are_all_named_at_once_with_where_to_put_them(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(files, "hf_hub_download", lambda *a, **k: pytest.fail("no download may be tried"))
     with pytest.raises(files.DownloadError) as error:
-        files.ensure_file(f"{HUB}/vae/qwen_image_vae.safetensors", tmp_path)
+        files.fetch_model_files(handler, "anima", json.loads(DEFINITION.read_text())["model"], tmp_path)
     message = str(error.value)
-    assert "\n" not in message and "offline" in message and str(tmp_path / VAE_FILE) in message
+    assert message.startswith("3 weight files are missing and cannot be downloaded: HF_HUB_OFFLINE is set.")
+    for name, folder in ((DIT_FILE, "diffusion_models"), (TEXT_ENCODER_FILE, "text_encoders"), (VAE_FILE, "vae")):
+        assert f"{HUB}/{folder}/{name}  ->  {tmp_path / name}" in message
+
+
+def test_an_unreachable_hub_is_found_in_one_quick_attempt(tmp_path, monkeypatch):
+    """No network: one refused connection, not the hub client's 25 s of retries for each file."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: closed
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    with pytest.raises(files.DownloadError, match="3 weight files .* 127.0.0.1 is unreachable"):
+        files.fetch_model_files(handler, "anima", json.loads(DEFINITION.read_text())["model"], tmp_path)
+    assert time.monotonic() - start < 3
+
+
+def test_a_checkpoints_folder_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "ckpts").write_text("not a folder")
+    with pytest.raises(files.DownloadError, match="is not a folder"):
+        files.fetch_model_files(handler, "anima", json.loads(DEFINITION.read_text())["model"], tmp_path / "ckpts")
+    assert (tmp_path / "ckpts").read_text() == "not a folder"
 
 
 def test_offload_without_cuda_stays_on_cpu_and_never_imports_mmgp(monkeypatch):

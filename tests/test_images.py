@@ -53,8 +53,8 @@ def test_a1111_text_has_every_field_and_parses_back():
         "Steps: 2, Sampler: er_sde, Schedule type: Simple, CFG scale: 4.5, Shift: 3, Seed: 1234, "
         'Size: 64x48, Model: anima-preview, Lora hashes: "detail: 0123456789ab"'
     )
-    back = parse_a1111_parameters(text)
-    assert back == {
+    back, warnings = parse_a1111_parameters(text)
+    assert warnings == [] and back == {
         "prompt": prompt_line, "negative_prompt": "lowres, bad", "num_inference_steps": 2,
         "sample_solver": "er_sde", "guidance_scale": 4.5, "flow_shift": 3.0, "seed": 1234, "resolution": "64x48",
     }
@@ -62,7 +62,7 @@ def test_a1111_text_has_every_field_and_parses_back():
 
 def test_a1111_parser_reads_multiline_prompts_and_other_apps_fields():
     text = 'a\nb\nNegative prompt: c\nd\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x768, Model hash: abc'
-    assert parse_a1111_parameters(text) == {
+    assert parse_a1111_parameters(text)[0] == {
         "prompt": "a\nb", "negative_prompt": "c\nd", "num_inference_steps": 20, "sample_solver": "Euler a",
         "guidance_scale": 7.0, "seed": 5, "resolution": "512x768",
     }
@@ -79,7 +79,7 @@ def test_metadata_round_trips_in_every_format(tmp_path, fmt):
         assert back.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt] and back.size == (64, 48)
     stored, text = read_image_metadata(path)
     assert stored == settings and text == params
-    assert read_image_settings(path) == settings
+    assert read_image_settings(path) == (settings, [])
 
 
 def test_png_pixels_are_lossless_and_chunks_are_named_for_other_tools(tmp_path):
@@ -94,7 +94,7 @@ def test_saving_never_overwrites_and_leaves_no_temp_files(tmp_path):
     im = Image.new("RGB", (8, 8))
     paths = [save_image(im, tmp_path, stem="same", fmt="png", parameters="", settings={"n": n}) for n in range(3)]
     assert [p.name for p in paths] == ["same.png", "same-2.png", "same-3.png"]
-    assert [read_image_settings(p)["n"] for p in paths] == [0, 1, 2]
+    assert [read_image_settings(p)[0]["n"] for p in paths] == [0, 1, 2]
     assert sorted(os.listdir(tmp_path)) == ["same-2.png", "same-3.png", "same.png"]
 
 
@@ -107,7 +107,7 @@ def test_saving_falls_back_when_hard_links_are_unsupported(tmp_path, monkeypatch
     first = save_image(im, tmp_path, stem="x", fmt="png", parameters="", settings={"n": 1})
     second = save_image(im, tmp_path, stem="x", fmt="png", parameters="", settings={"n": 2})
     assert (first.name, second.name) == ("x.png", "x-2.png")
-    assert read_image_settings(first) == {"n": 1} and len(os.listdir(tmp_path)) == 2
+    assert read_image_settings(first)[0] == {"n": 1} and len(os.listdir(tmp_path)) == 2
 
 
 def test_a1111_only_images_give_their_settings(tmp_path):
@@ -116,7 +116,7 @@ def test_a1111_only_images_give_their_settings(tmp_path):
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", "cat\nSteps: 12, Sampler: euler, CFG scale: 5, Seed: 9, Size: 64x64")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png", pnginfo=info)
-    assert read_image_settings(tmp_path / "a.png") == {
+    assert read_image_settings(tmp_path / "a.png")[0] == {
         "prompt": "cat", "num_inference_steps": 12, "sample_solver": "euler", "guidance_scale": 5.0,
         "seed": 9, "resolution": "64x64",
     }
@@ -126,7 +126,7 @@ def test_wan2gp_jpegs_with_json_in_user_comment_give_their_settings(tmp_path):
     exif = Image.Exif()
     exif.get_ifd(ExifTags.IFD.Exif)[0x9286] = b"UNICODE\x00" + json.dumps({"prompt": "cat", "seed": 4}).encode("utf-16-be")
     Image.new("RGB", (8, 8)).save(tmp_path / "w.jpg", exif=exif)
-    assert read_image_settings(tmp_path / "w.jpg") == {"prompt": "cat", "seed": 4}
+    assert read_image_settings(tmp_path / "w.jpg") == ({"prompt": "cat", "seed": 4}, [])
 
 
 def test_images_without_settings_or_not_images_give_clear_errors(tmp_path):

@@ -13,9 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.anima import lora as lora_module
+from models.anima import lora_adapters
 from models.anima.anima_model import load_anima_model
-from models.anima.lora import LoraPatcher, diffusers_module_name, extract_lora_tags, resolve_lora_path
+from models.anima.lora import LoraPatcher
+from models.anima.lora_keys import diffusers_module_name
+from models.anima.lora_tags import extract_lora_tags, find_lora_file
 from models.anima.text_encoder import load_text_encoder
 from tests.reference import cosmos_transformer_class
 from tests.tiny_dit import make_dit_state_dict, write_dit_file
@@ -405,7 +407,7 @@ def test_failure_while_merging_leaves_base_weights(base_sd, tmp_path, monkeypatc
             raise MemoryError
         merged.add_(1.0)
 
-    monkeypatch.setattr(lora_module._Adapter, "add_to", out_of_memory_on_third_module)
+    monkeypatch.setattr(lora_adapters.Adapter, "add_to", out_of_memory_on_third_module)
     with pytest.raises(MemoryError):
         patcher.set_loras([(write(tmp_path, "kohya", kohya(base_sd)[0]), 1.0)])
 
@@ -507,16 +509,33 @@ def test_bad_prompt_tag_is_a_clear_error():
         extract_lora_tags("1girl <lora:style:strong>")
 
 
-def test_lora_names_resolve_in_the_lora_folder(tmp_path):
+def test_lora_names_resolve_in_the_lora_folder_by_one_rule(tmp_path):
+    """The folder's own file first, then the name in a subfolder; a path of its own only when allowed."""
     (tmp_path / "styles").mkdir()
     nested = tmp_path / "styles" / "ink.safetensors"
     top = tmp_path / "turbo.safetensors"
     nested.write_bytes(b"")
     top.write_bytes(b"")
-    assert resolve_lora_path(str(top), None) == top
-    assert resolve_lora_path("turbo", tmp_path) == top
-    assert resolve_lora_path("turbo.safetensors", tmp_path) == top
-    assert resolve_lora_path("ink", tmp_path) == nested
-    assert resolve_lora_path("styles/ink", tmp_path) == nested
+    (tmp_path / "styles" / "turbo.safetensors").write_bytes(b"")  # loses to the top-level file of that name
+    (tmp_path / "odd[1].safetensors").write_bytes(b"")  # glob characters are plain characters
+    assert find_lora_file("turbo", tmp_path) == top
+    assert find_lora_file("turbo.safetensors", tmp_path) == top
+    assert find_lora_file("ink", tmp_path) == nested
+    assert find_lora_file("styles/ink", tmp_path) == nested
+    assert find_lora_file("odd[1]", tmp_path) == tmp_path / "odd[1].safetensors"
+    assert find_lora_file(str(top), None, allow_paths=True) == top
     with pytest.raises(ValueError, match="not found"):
-        resolve_lora_path("missing", tmp_path)
+        find_lora_file("missing", tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        find_lora_file("o*", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../secret", "sub/../../secret", "/etc/secret", "~/secret"])
+def test_lora_names_cannot_leave_the_lora_folder(tmp_path, name):
+    """Names from settings files, prompts or the UI never reach (or reveal) a file outside the folder."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="must stay inside the LoRA folder") as error:
+        find_lora_file(name, folder)
+    assert "secret.safetensors" not in str(error.value).replace(name, "")

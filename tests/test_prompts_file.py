@@ -36,8 +36,10 @@ def test_file_skips_comments_and_blank_lines_and_keeps_line_numbers(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("cat --x 3", r"line 1: unknown option '--x'"),
     ("cat --w big", r"line 1: --w needs a whole number, got 'big'"),
-    ("cat --l", r"line 1: --l needs a number, got ''"),
-    ("cat --s 3 4", r"line 1: --s needs a whole number, got '3 4'"),
+    ("cat --l", r"line 1: --l: guidance_scale is empty"),
+    ("cat --s 3 4", r"line 1: --s: num_inference_steps must be a whole number, got '3 4'"),
+    ("cat —w 256", r"line 1: '—w' is written with a dash character; options take two hyphens: --w"),
+    ("cat –s 20", r"line 1: '–s' is written with a dash character"),
 ])
 def test_bad_lines_name_the_line_and_the_problem(tmp_path, line, message):
     path = tmp_path / "p.txt"

@@ -1,13 +1,14 @@
 """Model definitions from defaults/*.json, the settings merge order, validation, and persistence."""
 
 import json
+import os
 
 import pytest
 
 from shared.settings import (
-    BASE_SETTINGS, ModelRegistry, SettingsError, SettingsStore, load_tasks_file, lora_multipliers,
-    parse_resolution, resolve_task,
+    ModelRegistry, SettingsError, SettingsStore, Task, load_tasks_file, parse_resolution, resolve_task,
 )
+from shared.settings_schema import SETTINGS
 
 
 class FakeHandler:
@@ -61,8 +62,9 @@ def test_registry_offers_handled_visible_models_and_says_why_others_are_missing(
     assert "no family handler supports architecture 'nobody'" in registry.skipped["orphan"]
     assert registry.entry("fake_b").name == "B model"  # JSON keys win over handler defaults
     assert registry.entry("fake_a").definition["image_batch_size_max"] == 2
-    assert registry.sampler_choices("fake_a") == [("Euler", "euler"), ("ER-SDE", "er_sde")]
-    assert registry.resolution_choices("fake_a")[0] == ("1024x1024", "1024x1024")  # no presets: ~1 MP sizes
+    assert registry.rule("fake_a", "sample_solver").choices == (("Euler", "euler"), ("ER-SDE", "er_sde"))
+    assert registry.rule("fake_a", "resolution").presets == ()  # the handler offers none
+    assert registry.rule("fake_a", "batch_size").high == 2  # the definition's image_batch_size_max
     with pytest.raises(SettingsError, match=r"Unknown model_type 'orphan' \(no family handler.*available: fake_a, fake_b"):
         registry.entry("orphan")
 
@@ -74,10 +76,10 @@ def test_two_handlers_claiming_one_type_is_an_error(tmp_path):
 
 def test_factory_settings_layer_base_then_handler_then_json(registry):
     settings = registry.factory_settings("fake_b")
-    assert set(BASE_SETTINGS) <= set(settings)
+    assert set(SETTINGS.keys()) <= set(settings)
     assert settings["num_inference_steps"] == 12  # JSON over handler (30) over base
     assert settings["negative_prompt"] == "from handler"  # handler over base ("")
-    assert settings["flow_shift"] == BASE_SETTINGS["flow_shift"]
+    assert settings["flow_shift"] == SETTINGS["flow_shift"].default
     assert settings["model_type"] == "fake_b"
 
 
@@ -101,7 +103,8 @@ def test_values_are_cleaned_to_their_types(registry):
         "resolution": " 128 x 64 ", "activated_loras": "one.safetensors", "loras_multipliers": [0.5]})
     assert settings["num_inference_steps"] == 7 and settings["guidance_scale"] == 3.5 and settings["seed"] == 12
     assert settings["resolution"] == "128x64"
-    assert settings["activated_loras"] == ["one.safetensors"] and settings["loras_multipliers"] == "0.5"
+    assert settings["activated_loras"] == ("one.safetensors",) and settings["loras_multipliers"] == "0.5"
+    assert isinstance(settings, Task) and settings.settings()["activated_loras"] == ["one.safetensors"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -110,14 +113,22 @@ def test_values_are_cleaned_to_their_types(registry):
     ({"resolution": "big"}, "resolution must look like '1024x1024'"),
     ({"batch_size": 0}, "batch_size must be between 1 and 4, got 0"),
     ({"batch_size": 5}, "batch_size must be between 1 and 4"),
-    ({"sample_solver": "dpm_magic"}, "Unknown sampler 'dpm_magic': choose one of euler, er_sde"),
+    ({"sample_solver": "dpm_magic"}, "sample_solver 'dpm_magic' is not available: choose one of euler, er_sde"),
     ({"num_inference_steps": 2.5}, "num_inference_steps must be a whole number"),
     ({"num_inference_steps": True}, "num_inference_steps must be a whole number"),
     ({"guidance_scale": "lots"}, "guidance_scale must be a number"),
     ({"flow_shift": 0}, "flow_shift must be above 0"),
     ({"seed": -2}, "seed must be between -1 and"),
     ({"prompt": 3}, "prompt must be text"),
-    ({"activated_loras": [1]}, "activated_loras must be a list of LoRA file names"),
+    ({"activated_loras": [1]}, "activated_loras must be a list of names"),
+    ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number"),
+    ({"guidance_scale": "inf"}, "guidance_scale must be a finite number"),
+    ({"num_inference_steps": "1e309"}, "num_inference_steps must be a finite number"),
+    ({"guidance_scale": None}, "guidance_scale is empty"),
+    ({"activated_loras": ["a"], "loras_multipliers": "inf"}, "loras_multipliers must be finite numbers"),
+    ({"activated_loras": ["a"], "loras_multipliers": [float("nan")]}, "loras_multipliers must be finite"),
+    ({"prompt": "cat\x00dog"}, "prompt contains a NUL character"),
+    ({"seed": 2**32 - 1, "batch_size": 2}, "gives image 2 the seed 4294967296.*at most 4294967294"),
     ({"activated_loras": ["a"], "loras_multipliers": "1 2"}, "2 values for 1 activated LoRA"),
     ({"activated_loras": ["a"], "loras_multipliers": "strong"}, "loras_multipliers must be numbers"),
     ({"prompt": "forbidden"}, "prompt says no"),
@@ -142,10 +153,32 @@ def test_batch_limit_comes_from_the_model_definition(registry):
         resolve_task(registry, {"model_type": "fake_a", "batch_size": 3})
 
 
-def test_multipliers_default_to_one_per_lora():
-    assert lora_multipliers({"activated_loras": ["a", "b", "c"], "loras_multipliers": "0.5"}) == [0.5, 1.0, 1.0]
-    assert lora_multipliers({}) == []
+def test_multipliers_default_to_one_per_lora(registry):
+    task, _ = resolve_task(registry, {"model_type": "fake_a", "activated_loras": ["a", "b", "c"],
+                                      "loras_multipliers": "0.5"})
+    assert task.lora_strengths() == [0.5, 1.0, 1.0]
+    assert resolve_task(registry, {"model_type": "fake_a"})[0].lora_strengths() == []
     assert parse_resolution("832x1216") == (832, 1216)
+
+
+def test_the_highest_seed_a_batch_writes_is_accepted_back(registry):
+    """Image i of a batch records seed + i; the largest seed a valid batch can reach validates again."""
+    last, _ = resolve_task(registry, {"model_type": "fake_b", "seed": 2**32 - 4, "batch_size": 4})
+    image_4, _ = resolve_task(registry, {"model_type": "fake_b", "seed": last["seed"] + 3, "batch_size": 1})
+    assert image_4["seed"] == 2**32 - 1
+
+
+@pytest.mark.parametrize("written, expected", [
+    ("Euler a", "euler_a"), ("euler_ancestral", "euler_a"), ("Euler Ancestral", "euler_a"),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde"), ("er-sde", "er_sde"), ("ER SDE", "er_sde"), ("euler", "euler"),
+])
+def test_sampler_names_of_a1111_forge_and_comfyui_map_to_the_family_ids(registry, written, expected):
+    """One mapping for every source: Forge's 'Euler a' means the same in a JSON, an image and the UI."""
+    registry.entry("fake_a").definition["sample_solvers"] = [
+        ("Euler", "euler"), ("Euler ancestral", "euler_a"), ("ER-SDE (default)", "er_sde"),
+        ("DPM++ 2M SDE", "dpmpp_2m_sde")]
+    task, _ = resolve_task(registry, {"model_type": "fake_a", "sample_solver": written})
+    assert task["sample_solver"] == expected
 
 
 def test_tasks_file_accepts_an_object_or_a_list_and_rejects_non_json(tmp_path):
@@ -153,6 +186,8 @@ def test_tasks_file_accepts_an_object_or_a_list_and_rejects_non_json(tmp_path):
     (tmp_path / "many.json").write_text('[{"prompt": "a"}, {"prompt": "b"}]')
     (tmp_path / "bad.json").write_text("prompt: a")
     (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a"}')
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     assert load_tasks_file(tmp_path / "one.json") == [{"prompt": "a"}]
     assert len(load_tasks_file(tmp_path / "many.json")) == 2
     with pytest.raises(SettingsError, match=r"bad.json is not valid JSON"):
@@ -161,6 +196,9 @@ def test_tasks_file_accepts_an_object_or_a_list_and_rejects_non_json(tmp_path):
         load_tasks_file(tmp_path / "empty.json")
     with pytest.raises(SettingsError, match="Settings file not found"):
         load_tasks_file(tmp_path / "missing.json")
+    assert load_tasks_file(tmp_path / "bom.json") == [{"prompt": "a"}]  # a Windows editor's byte-order mark
+    with pytest.raises(SettingsError, match="nested too deeply"):
+        load_tasks_file(tmp_path / "deep.json")
 
 
 def test_store_keeps_last_used_settings_per_model_across_instances(tmp_path):
@@ -175,3 +213,12 @@ def test_store_keeps_last_used_settings_per_model_across_instances(tmp_path):
     assert again.load("fake_a") is None  # a damaged file falls back to the model's defaults
     assert sorted(p.name for p in (tmp_path / "settings").iterdir()) == [
         "fake_a_settings.json", "fake_b_settings.json", "last_model.json"]
+
+
+def test_settings_files_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        SettingsStore(tmp_path / "s").save("fake_a", {"prompt": "a"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s" / "fake_a_settings.json").stat().st_mode & 0o777 == 0o640

@@ -24,3 +24,17 @@ def write_tiny_ckpts(directory: str | Path, *, seed: int = 0) -> Path:
     write_text_encoder_file(directory / TEXT_ENCODER_FILE, seed=seed + 1)
     write_vae_file(directory / VAE_FILE, seed=seed + 2)
     return directory
+
+
+def write_tiny_lora(path: str | Path, *, width: int = 64, seed: int = 0) -> Path:
+    """A kohya-format LoRA on the tiny DiT's first query projection (64 wide), strong enough to show; another
+    `width` makes one that does not fit the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    key = "lora_unet_blocks_0_self_attn_q_proj"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, width, generator=g).to(torch.bfloat16),
+               f"{key}.lora_up.weight": torch.randn(width, 4, generator=g).to(torch.bfloat16),
+               f"{key}.alpha": torch.tensor(4.0, dtype=torch.bfloat16)}, str(path))
+    return Path(path)

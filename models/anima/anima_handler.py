@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .lora_tags import extract_lora_tags, find_lora_file
 from .sampling import DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS
 
 FAMILY = "anima"
@@ -104,7 +105,6 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "guidance_max_phases": 1,
             "flow_shift": True,
             "sample_solvers": list(SAMPLE_SOLVERS),
-            "sample_solver_aliases": dict(SAMPLER_ALIASES),  # other spellings the settings accept
             "resolutions": [list(r) for r in RESOLUTIONS],
             "vae_block_size": SIZE_MULTIPLE,
             "image_batch_size_max": 16,
@@ -122,6 +122,17 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
     def get_lora_dir(base_model_type: str, args, lora_root: str) -> str:
         # getattr: a plugin family's flag is never registered upstream (plugins load after argument parsing)
         return getattr(args, "lora_dir_anima", None) or os.path.join(lora_root, FAMILY)
+
+    @staticmethod
+    def find_lora(name: str, lora_dir: str, allow_paths: bool = False) -> str:
+        """This app's extension of the contract: the family's one rule from a LoRA name to its file (the
+        rule `generate` applies to `<lora:...>` tags), so the host finds the same file. ValueError if none."""
+        return str(find_lora_file(name, lora_dir, allow_paths=allow_paths))
+
+    @staticmethod
+    def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+        """This app's extension: (prompt without its `<lora:name:strength>` tags, [(name, strength)])."""
+        return extract_lora_tags(prompt)
 
     @staticmethod
     def query_model_files(computeList, base_model_type: str, model_def: dict | None = None) -> list[dict]:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from . import sampling, schedulers
 from .anima_model import load_anima_model, save_anima_model
-from .lora import LoraPatcher, extract_lora_tags, resolve_lora_path
+from .lora import LoraPatcher
+from .lora_tags import extract_lora_tags, find_lora_file
 from .text_encoder import PromptCache, load_text_encoder
 from .vae import load_vae
 
@@ -295,7 +296,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         if loras is None and not tags:
             return prompt
         wanted = [(str(path), float(strength)) for path, strength in (loras or [])]
-        wanted += [(str(resolve_lora_path(name, lora_dir)), strength) for name, strength in tags]
+        wanted += [(str(find_lora_file(name, lora_dir)), strength) for name, strength in tags]
         if wanted and self.text_encoder is None:
             self._text_encoder_for_encoding()
         if self._lora_patcher is None:

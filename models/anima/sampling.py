@@ -605,7 +605,7 @@ class Sampler:
 # Menu order: the model card's three first (er_sde is its default), then the rest.
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("er_sde", "ER-SDE (default)", sample_er_sde, GAUSSIAN_NOISE, log_snr=True),
-    Sampler("euler_ancestral", "Euler ancestral", sample_euler_ancestral, GAUSSIAN_NOISE),
+    Sampler("euler_ancestral", "Euler a", sample_euler_ancestral, GAUSSIAN_NOISE),
     Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, BROWNIAN_NOISE, log_snr=True),
     Sampler("euler", "Euler", sample_euler),
     Sampler("heun", "Heun", sample_heun),
