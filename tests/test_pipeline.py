@@ -10,14 +10,13 @@ from diffusers.loaders.single_file_utils import (
     convert_cosmos_transformer_checkpoint_to_diffusers,
     convert_wan_vae_to_diffusers,
 )
-from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from models.anima.anima_handler import family_handler
 from models.anima.anima_main import model_factory
 from models.anima.text_encoder import TOKENIZER_DIR
-from tests.reference import cosmos_transformer_class
+from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
 from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
 
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
@@ -234,14 +233,14 @@ class Reference:
         self.text_encoder = Qwen3Model(Qwen3Config(
             vocab_size=151936, hidden_size=HIDDEN, intermediate_size=TE_MLP, num_hidden_layers=TE_LAYERS,
             num_attention_heads=TE_HEADS, num_key_value_heads=TE_KV_HEADS, head_dim=TE_HEAD_DIM, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
+            rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
             attention_bias=False, tie_word_embeddings=False)).eval()
         self.text_encoder.load_state_dict(te_sd, strict=True)
         self.qwen_tokenizer = Qwen2Tokenizer.from_pretrained(TOKENIZER_DIR / "qwen")
         self.t5_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "t5" / "tokenizer.json"))
 
         dit_sd = {k: v.float() for k, v in load_file(ckpts / DIT_FILE).items()}
-        self.adapter = AnimaTextConditioner(source_dim=HIDDEN, target_dim=HIDDEN, model_dim=HIDDEN,
+        self.adapter = anima_text_conditioner_class()(source_dim=HIDDEN, target_dim=HIDDEN, model_dim=HIDDEN,
                                             num_layers=ADAPTER_LAYERS, num_attention_heads=ADAPTER_HEADS).eval()
         self.adapter.load_state_dict({k.removeprefix(ADAPTER_PREFIX): v for k, v in dit_sd.items()
                                       if k.startswith(ADAPTER_PREFIX)}, strict=True)
@@ -256,7 +255,7 @@ class Reference:
             if name.endswith(("norm_q", "norm_k")):
                 module.eps = 1e-6  # the checkpoint's q/k RMSNorm eps; diffusers' generic default is 1e-5
         vae_sd = {k: v.float() for k, v in load_file(ckpts / VAE_FILE).items()}
-        self.vae = AutoencoderKLQwenImage(base_dim=8).eval()
+        self.vae = AutoencoderKLQwenImage(base_dim=8, dim_mult=[1, 2, 4, 4]).eval()  # a list: see test_vae
         self.vae.load_state_dict(convert_wan_vae_to_diffusers(vae_sd), strict=True)
 
     def context(self, text):

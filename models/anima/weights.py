@@ -66,7 +66,7 @@ def open_state_dict(source: str | os.PathLike | Mapping[str, Tensor], *, what: s
         dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         count = end - begin
         if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            tensors[name] = torch.empty(shape, dtype=dtype, device="cpu")
             continue
         flat = torch.frombuffer(mapping, dtype=dtype, count=count // dtype.itemsize, offset=data_start + begin)
         tensors[name] = flat.view(shape)
