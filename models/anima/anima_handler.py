@@ -123,7 +123,13 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
                    VAE_dtype=None, mixed_precision_transformer=False, save_quantized=False,  # noqa: N803
                    submodel_no_list=None, text_encoder_filename=None, **kwargs):
         """(model_factory, {"transformer", "text_encoder", "vae"}). `model_filename` is the DiT file or a
-        list starting with it (it may also hold the other two); dtype / VAE_dtype None: the dtype policy."""
+        list starting with it (it may also hold the other two); dtype / VAE_dtype None: the dtype policy.
+
+        Upstream Wan2GP always passes VAE_dtype, fp16 unless its "VAE precision" setting says 32: fp16 is
+        taken as "no preference" (the family's policy: bf16 where the GPU has it natively, else fp32, since
+        the Qwen-Image VAE can overflow in fp16); an explicit fp32 or bf16 is honoured."""
+        import torch
+
         from .anima_main import model_factory  # torch + transformers: only when a model is loaded
 
         files = [str(f) for f in (model_filename if isinstance(model_filename, (list, tuple)) else [model_filename])]
@@ -133,7 +139,8 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             files[0],
             find_component(files, TEXT_ENCODER_FILE, TEXT_ENCODER_FOLDER),
             find_component(files, VAE_FILE, VAE_FOLDER),
-            dtype=dtype, vae_dtype=VAE_dtype, low_memory=bool(kwargs.get("low_memory", False)),
+            dtype=dtype, vae_dtype=None if VAE_dtype == torch.float16 else VAE_dtype,
+            low_memory=bool(kwargs.get("low_memory", False)),
         )
         return model, {"transformer": model.transformer, "text_encoder": model.text_encoder, "vae": model.vae}
 
