@@ -181,7 +181,7 @@ class Runtime:
                 self._loaded.offload.unload_all()  # as wgp does: LoRAs are merged between generations
         if out is None:  # aborted
             return None
-        images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W] in [-1, 1]
+        images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W], uint8 or floats in [-1, 1]
         return self._save_all(images, settings, seed, loras)
 
     def _generate_kwargs(self, settings: dict[str, Any], seed: int, loras: list[tuple[Path, float]],

@@ -67,15 +67,14 @@ class DiTCalls:
 def test_generate_returns_batch_of_images_of_requested_size(model):
     out = run(model, batch_size=2)
     images = out["x"]
-    assert images.shape == (3, 2, 48, 64) and images.dtype == torch.float32
-    assert torch.isfinite(images).all() and images.abs().max() <= 1.0
-    assert images.std() > 0.01  # not a constant image
+    assert images.shape == (3, 2, 48, 64) and images.dtype == torch.uint8  # pixels, as ComfyUI saves them
+    assert images.float().std() > 2  # not a constant image
     assert out["seed"] == 7
 
 
 def test_same_seed_gives_identical_images(model):
     assert torch.equal(run(model)["x"], run(model)["x"])
-    assert not torch.allclose(run(model)["x"], run(model, seed=8)["x"])
+    assert not torch.equal(run(model)["x"], run(model, seed=8)["x"])
 
 
 @pytest.mark.parametrize("solver", ["er_sde", "euler", "euler_a", "dpmpp_2m_sde"])
@@ -118,7 +117,7 @@ def test_cfg_batching(model):
     with DiTCalls(model.transformer) as dit:
         sequential = run(model, batch_size=2, joint_pass=False)["x"]
     assert dit.batches == [1] * 12
-    assert torch.allclose(joint, sequential, atol=1e-5, rtol=0)
+    assert (joint.int() - sequential.int()).abs().max() <= 1  # only rounding differs
     with DiTCalls(model.transformer) as dit:
         run(model, batch_size=2, guide_scale=1.0)
     assert dit.batches == [1] * 6  # CFG 1: no negative pass
@@ -197,7 +196,7 @@ def lora_dir(tmp_path_factory):
 def test_loras_from_kwarg_and_prompt_tags(model, lora_dir):
     base = run(model, loras=[])["x"]
     styled = run(model, loras=[(lora_dir / "style.safetensors", 0.8)])["x"]
-    assert (styled - base).abs().max() > 1e-3
+    assert (styled.int() - base.int()).abs().max() >= 1
     tagged = run(model, input_prompt=f"{PROMPT}, <lora:style:0.8>", loras=[], lora_dir=str(lora_dir))["x"]
     assert torch.equal(tagged, styled)  # the tag is removed from the prompt and activates the same LoRA
     assert torch.equal(run(model)["x"], styled)  # loras=None and no tag: the LoRA stays active
@@ -207,7 +206,7 @@ def test_loras_from_kwarg_and_prompt_tags(model, lora_dir):
 def test_text_encoder_lora_invalidates_cached_prompts(model, lora_dir):
     base = run(model, loras=[])["x"]  # the prompts are cached now
     worded = run(model, loras=[(lora_dir / "words.safetensors", 1.0)])["x"]
-    assert (worded - base).abs().max() > 1e-3
+    assert (worded.int() - base.int()).abs().max() >= 1
     assert torch.equal(run(model, loras=[])["x"], base)
 
 
@@ -299,9 +298,15 @@ def relative_error(ours, ref):
 
 def test_whole_loop_matches_reference(ckpts, model):
     reference = Reference(ckpts)
-    latents = []
+    latents, decoded = [], []
     decode = model.vae.decode
-    model.vae.decode = lambda z, **kw: (latents.append(z), decode(z, **kw))[1]
+
+    def recording_decode(z, **kw):
+        latents.append(z)
+        decoded.append(decode(z, **kw))
+        return decoded[-1]
+
+    model.vae.decode = recording_decode
     try:
         ours = run(model, sample_solver="euler", guide_scale=4.0, sampling_steps=5, seed=3, loras=[])
     finally:
@@ -309,5 +314,8 @@ def test_whole_loop_matches_reference(ckpts, model):
     ref_latent = reference.final_latent(PROMPT, NEGATIVE, seed=3, steps=5, cfg=4.0, **SIZE)
     assert relative_error(latents[0], ref_latent) <= 1e-4
     ref_image = reference.decode(ref_latent)
-    assert relative_error(ours["x"].transpose(0, 1), ref_image) <= 1e-4
-    assert F.mse_loss(ours["x"].transpose(0, 1), ref_image) < 1e-9
+    assert relative_error(decoded[0], ref_image) <= 1e-4
+    assert F.mse_loss(decoded[0], ref_image) < 1e-9
+    # the pixels returned are the decoded image as ComfyUI saves it: (x + 1) / 2 * 255, truncated
+    ref_pixels = (((ref_image + 1) / 2).clamp(0, 1) * 255).floor()
+    assert (ours["x"].transpose(0, 1).float() - ref_pixels).abs().max() <= 1  # 1: a value on a level's edge

@@ -5,7 +5,7 @@ One image, as in ComfyUI (anima_reference.md §1, §5):
     prompt -> Qwen3 hidden states (+ T5 ids) -> LLM adapter -> context [1, >=512, D]
     noise [16, 1, H/8, W/8] from a CPU generator seeded `seed + i` for image i
     `simple` sigmas (shift) -> sampler; each step x0 = x - sigma * DiT(x, sigma, context), CFG on x0
-    normalised latents -> VAE -> image [3, H, W] in [-1, 1]
+    normalised latents -> VAE -> image [3, H, W] in [-1, 1] -> uint8 pixels, truncated as ComfyUI saves them
 
 Devices: the models are loaded on the CPU. Without CUDA everything runs there; with CUDA the host hands
 the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, and `generate`
@@ -97,6 +97,12 @@ def vae_tile_pixels(vae_tile_size: int | Sequence | None) -> int | None:
     return int(vae_tile_size) if vae_tile_size else None
 
 
+def comfyui_pixels(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as uint8 the way ComfyUI saves them: to [0, 1], then 255 * x truncated. Returning
+    pixels rather than floats makes every host save these exact values (upstream Wan2GP rounds floats)."""
+    return (((images.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
 def _exact(tensor: Tensor) -> Tensor:
     """`tensor` as float64 for a call that mmgp may hook: its hooks cast float32 arguments to the module's
     dtype (bf16 would round sigma to 3 digits, where ComfyUI keeps the timestep in fp32), while float64
@@ -176,8 +182,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             models before LoRA weights change. loras_slists: upstream Wan2GP's per-step multipliers of the
             LoRAs it loaded through mmgp (applied with its own helpers when it has them).
 
-        Returns {"x": images [3, B, H, W] float32 in [-1, 1] on the CPU, "seed": the first seed}, or None
-        when `_interrupt` was set.
+        Returns {"x": images [3, B, H, W] uint8 on the CPU (`comfyui_pixels`), "seed": the first seed}, or
+        None when `_interrupt` was set.
         """
         check_image_size(width, height)
         if batch_size < 1:
@@ -200,7 +206,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             return None
         tile = vae_tile_pixels(VAE_tile_size)
         images = torch.cat([self.vae.decode(_exact(one), tile_size=tile) for one in latents.split(1)])  # [B, 3, H, W]
-        return {"x": images.float().transpose(0, 1).cpu(), "seed": seed}
+        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed}
 
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
                 height: int, shift: float, callback: Callable | None,
