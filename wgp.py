@@ -42,7 +42,7 @@ def make_runtime(args, registry):
     options = RuntimeOptions(
         ckpts_dir=Path(args.ckpts_dir), output_dir=Path(args.output_dir),
         lora_dir=Path(args.lora_dir) if args.lora_dir else None, dtype=args.dtype, profile=args.profile,
-        image_format=args.image_format,
+        image_format=args.image_format, offload=not args.no_offload, compile=args.compile,
     )
     return Runtime(registry, options, log=lambda message: print(message, file=sys.stderr))
 

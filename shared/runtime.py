@@ -21,13 +21,13 @@ from torch import Tensor
 from shared.files import DownloadError, fetch_model_files
 from shared.images import a1111_parameters, image_stem, save_image, tensor_to_pil
 from shared.loras import find_lora, lora_short_hash
-from shared.offload import offload_pipe
+from shared.offload import PROFILE_NAMES, auto_profile, offload_pipe
 from shared.settings import ModelEntry, ModelRegistry, lora_multipliers, parse_resolution
 
 APP_VERSION = "AnimaGP"
 RANDOM_SEED_MAX = 999_999_999  # Wan2GP's range for seed -1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_GPU_PROFILE = 4.0  # Wan2GP's default for image models: LowRAM_LowVRAM
+AUTO_PROFILE = -1.0  # chosen from the free VRAM and RAM when the model loads
 # Mistakes a user can fix (bad settings, missing or broken files): reported in one line, no traceback.
 USER_ERRORS = (ValueError, OSError, DownloadError)
 
@@ -47,8 +47,10 @@ class RuntimeOptions:
     lora_dir: Path | None = None  # None: the handler's folder under `lora_root`
     lora_root: Path = Path("loras")
     dtype: str = "auto"
-    profile: float = -1.0
+    profile: float = AUTO_PROFILE
     image_format: str = "png"
+    offload: bool = True  # False: with CUDA, every model is placed on the GPU (no mmgp)
+    compile: bool = False  # torch.compile the transformer's blocks (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -127,15 +129,30 @@ class Runtime:
         paths = self.model_files(entry)
         dtype = requested_dtype(self.options.dtype, entry.definition)
         self.log(f"Loading {entry.name}...")
-        profile = DEFAULT_GPU_PROFILE if self.options.profile == -1 else self.options.profile
         model, pipe = entry.handler.load_model(
             [str(p) for p in paths], model_type, entry.base_model_type, entry.definition, dtype=dtype,
-            profile=profile,
+            profile=self.options.profile,
         )
         # with CUDA, mmgp streams the modules to the GPU; fp32 leftovers become `dtype` (modules that carry
         # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
-        self._loaded = _Loaded(model_type, model, pipe, offload_pipe(pipe, profile, dtype or torch.bfloat16))
+        offload = offload_pipe(pipe, self._profile(pipe), dtype or torch.bfloat16, offload=self.options.offload,
+                               compile=self.options.compile)
+        self._loaded = _Loaded(model_type, model, pipe, offload)
         return model
+
+    def _profile(self, pipe: Any) -> float:
+        """The mmgp profile to use (`--profile`, or chosen from free memory for -1), said in the log."""
+        if not torch.cuda.is_available():
+            return self.options.profile
+        if not self.options.offload:
+            self.log("No offloading: every model is placed on the GPU.")
+            return self.options.profile
+        if self.options.profile != AUTO_PROFILE:
+            return self.options.profile
+        profile, why = auto_profile(pipe)
+        self.log(f"Memory profile {profile:g} ({PROFILE_NAMES[profile]}), chosen from free memory: {why}. "
+                 f"--profile N sets it.")
+        return profile
 
     def release(self) -> None:
         if self._loaded is None:

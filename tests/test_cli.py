@@ -244,5 +244,6 @@ def test_help_lists_every_flag(capsys):
     assert done.value.code == 0
     for flag in ("--process", "--prompts-file", "--prompt", "--ckpts-dir", "--output-dir", "--lora-dir",
                  "--attention", "--profile", "--dtype", "--image-format", "--listen", "--server-port", "--dry-run",
-                 "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler"):
+                 "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler",
+                 "--no-offload", "--compile"):
         assert flag in text

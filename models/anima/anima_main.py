@@ -225,7 +225,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
             if callback is not None:
                 callback(i, x0[:, :, 0].transpose(0, 1), False)  # [16, B, h, w]: images on the frame axis
-            if lora_step is not None:
+            if lora_step is not None and i + 1 < len(sigmas) - 1:
                 lora_step(i + 1)
 
         latents = sampling.sample(solver, denoise, x, sigmas, noise=noise, callback=on_step, shift=shift)
