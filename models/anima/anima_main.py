@@ -8,8 +8,10 @@ One image, as in ComfyUI (anima_reference.md §1, §5):
     normalised latents -> VAE -> image [3, H, W] in [-1, 1] -> uint8 pixels, truncated as ComfyUI saves them
 
 Devices: the models are loaded on the CPU. Without CUDA everything runs there; with CUDA the host hands
-the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, and `generate`
-puts its tensors on the execution device (`model_factory.device`).
+the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, or places the
+modules on the GPU itself, and `generate` puts its tensors on the execution device (`model_factory.device`).
+Every tensor is made with an explicit device (noise, schedules and previews on the CPU on purpose): mmgp
+leaves torch's default device on CUDA, so nothing may rely on it.
 """
 
 from __future__ import annotations
