@@ -51,7 +51,7 @@ from models.anima.anima_handler import family_handler  # noqa: E402
 from models.anima.anima_main import choose_dtypes, default_device, model_factory  # noqa: E402
 from shared import attention  # noqa: E402
 from shared.images import latent_preview  # noqa: E402
-from shared.offload import auto_profile, module_bytes, offload_pipe  # noqa: E402
+from shared.offload import auto_profile, offload_pipe  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 GB = 1 << 30
@@ -214,7 +214,8 @@ class Bench:
             free_memory()
         self.results["stages"][name] = record
         self.out.write_text(json.dumps(self.results, indent=2, default=str))
-        status = record["status"] + (f" ({record.get('why') or record.get('error')})" if record["status"] != "ok" else "")
+        why = record.get("why") or record.get("error")
+        status = record["status"] + (f" ({why})" if record["status"] != "ok" else "")
         print(f"[gpu bench] {name}: {status}", flush=True)
 
     def print_table(self) -> None:
@@ -522,8 +523,9 @@ class Bench:
         for name, module in dit.named_modules():
             if name.startswith("blocks.") and isinstance(module, torch.nn.Linear) and "adaln" not in name:
                 out_features, in_features = module.weight.shape
-                sd[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) / in_features**0.5
-                sd[f"diffusion_model.{name}.lora_B.weight"] = 0.5 * torch.randn(out_features, rank, generator=g) / rank**0.5
+                key = f"diffusion_model.{name}"
+                sd[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=g) / in_features**0.5
+                sd[f"{key}.lora_B.weight"] = 0.5 * torch.randn(out_features, rank, generator=g) / rank**0.5
         path = self.folder / "lora_all_projections.safetensors"
         save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(path))
         return path
@@ -561,8 +563,8 @@ class Bench:
         del ours, patcher
         free_memory()
         change = float((merged - base).norm())
-        record = {"lora_change_rel": change / float(base.norm()), "ours_restored_exactly": bool(torch.equal(restored, base)),
-                  "our_warnings": warnings}
+        record = {"lora_change_rel": change / float(base.norm()), "our_warnings": warnings,
+                  "ours_restored_exactly": bool(torch.equal(restored, base))}
         if not CUDA:
             record["summary"] = (f"our route only (upstream's needs CUDA): change {record['lora_change_rel']:.3f}, "
                                  f"restored {record['ours_restored_exactly']}")
@@ -588,8 +590,9 @@ class Bench:
                    "upstream_restored_exactly": bool(torch.equal(upstream_restored, base)),
                    "mmgp_errors": [str(e) for e in errors]}
         record["pass"] = (disagreement < 0.05 and record["ours_restored_exactly"] and not errors)
-        record["summary"] = (f"routes disagree {disagreement:.3f} of the change, restored {record['ours_restored_exactly']}"
-                             f"/{record['upstream_restored_exactly']}, mmgp errors {len(errors)}: "
+        record["summary"] = (f"routes disagree {disagreement:.3f} of the change, restored "
+                             f"{record['ours_restored_exactly']}/{record['upstream_restored_exactly']}, "
+                             f"mmgp errors {len(errors)}: "
                              f"{'PASS' if record['pass'] else 'FAIL'}")
         return record
 

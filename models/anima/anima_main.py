@@ -68,8 +68,9 @@ def choose_dtypes(device: torch.device, transformer: torch.dtype | None = None, 
     """The dtype policy; an explicit dtype overrides its default.
 
     CPU: float32 everywhere, as ComfyUI computes there (the same files, seed and settings give its results).
-    GPU with native bf16 (sm80+): bf16 DiT and VAE. Other GPUs: fp16 DiT (it keeps its residual stream in fp32) and
-    fp32 VAE (the Qwen-Image VAE overflows in fp16). The text encoder always computes in fp32, as in ComfyUI.
+    GPU with native bf16 (sm80+): bf16 DiT and VAE. Other GPUs: fp16 DiT (it keeps its residual stream in
+    fp32) and fp32 VAE (the Qwen-Image VAE overflows in fp16). The text encoder always computes in fp32, as
+    in ComfyUI.
     """
     if device.type == "cpu":
         default = ModelDtypes(torch.float32, torch.float32, torch.float32)
@@ -206,8 +207,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step)
         except _Interrupted:
             return None
-        tile = vae_tile_pixels(VAE_tile_size)
-        images = torch.cat([self.vae.decode(_exact(one), tile_size=tile) for one in latents.split(1)])  # [B, 3, H, W]
+        # the VAE decodes image by image, so each image is decoded exactly as it would be alone
+        images = self.vae.decode(_exact(latents), tile_size=vae_tile_pixels(VAE_tile_size))  # [B, 3, H, W]
         return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed}
 
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
