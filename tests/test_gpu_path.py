@@ -138,7 +138,7 @@ def test_compile_towers_follows_mmgps_rule(monkeypatch):
     module = nn.Module()
     module.blocks, module.other = nn.ModuleList([nn.Linear(1, 1), nn.Linear(1, 1)]), nn.ModuleList([skipped])
     assert offload.compile_towers(module) == ["blocks.0", "blocks.1"]
-    assert module.blocks[0].forward[0] == "compiled" and skipped.forward != ("compiled", skipped.forward)
+    assert module.blocks[0].forward[0] == "compiled" and "forward" not in vars(skipped)  # left as it was
 
 
 # --- attention ---------------------------------------------------------------------------------------
