@@ -45,7 +45,7 @@ def make_runtime(args, registry):
         ckpts_dir=Path(args.ckpts_dir), output_dir=Path(args.output_dir),
         lora_dir=Path(args.lora_dir) if args.lora_dir else None, lora_root=APP_DIR / "loras", dtype=args.dtype,
         profile=args.profile, image_format=args.image_format, low_memory=args.low_memory,
-        local_lora_paths=frozenset(args.activated_loras or ()),
+        local_lora_paths=frozenset(args.activated_loras or ()), offload=not args.no_offload, compile=args.compile,
     )
     return Runtime(registry, options, log=lambda message: print(message, file=sys.stderr))
 

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +41,26 @@ from tests.tiny_dit import make_dit_state_dict  # noqa: E402
 from tests.tiny_text_encoder import make_text_encoder_state_dict  # noqa: E402
 from tests.tiny_vae import make_vae_state_dict  # noqa: E402
 
-WIDTH, HEADS, TEXT_DIM, LORA_DIM, ADAPTER_LAYERS, VAE_BASE = 2048, 16, 1024, 256, 6, 96
-TE_HEADS, TE_KV_HEADS, TE_HEAD_DIM, TE_MLP = 16, 8, 128, 3072
+@dataclass(frozen=True)
+class Sizes:
+    """Model widths (the real Anima's by default) and depths of the benchmark's random checkpoints."""
+
+    blocks: int = 28
+    te_layers: int = 28
+    width: int = 2048
+    heads: int = 16
+    text_dim: int = 1024
+    lora_dim: int = 256
+    adapter_layers: int = 6
+    vae_base: int = 96
+    te_heads: int = 16
+    te_kv_heads: int = 8
+    te_head_dim: int = 128
+    te_mlp: int = 3072
+
+
+REAL = Sizes()
+WIDTH, TEXT_DIM, VAE_BASE = REAL.width, REAL.text_dim, REAL.vae_base
 PROMPT = "masterpiece, best quality, 1girl, solo, long hair, looking at viewer, smile, cherry blossoms"
 NEGATIVE = "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia"
 PHASES = ("text encode", "DiT", "VAE", "other", "total")
@@ -86,15 +105,17 @@ class PhaseTimer:
         return parts | {"other": total - sum(parts.values()), "total": total}
 
 
-def write_checkpoints(folder: Path, blocks: int, te_layers: int) -> tuple[Path, Path, Path]:
+def write_checkpoints(folder: Path, sizes: Sizes) -> tuple[Path, Path, Path]:
     names = ("anima-preview.safetensors", "qwen_3_06b_base.safetensors", "qwen_image_vae.safetensors")
     files = tuple(folder / name for name in names)
-    save_file(make_dit_state_dict(model_channels=WIDTH, num_blocks=blocks, num_heads=HEADS, text_dim=TEXT_DIM,
-                                  adapter_layers=ADAPTER_LAYERS, adapter_heads=HEADS, adaln_lora_dim=LORA_DIM),
-              str(files[0]))
-    save_file(make_text_encoder_state_dict(hidden=TEXT_DIM, layers=te_layers, heads=TE_HEADS, kv_heads=TE_KV_HEADS,
-                                           head_dim=TE_HEAD_DIM, intermediate=TE_MLP), str(files[1]))
-    save_file(make_vae_state_dict(base_dim=VAE_BASE), str(files[2]))
+    s = sizes
+    save_file(make_dit_state_dict(model_channels=s.width, num_blocks=s.blocks, num_heads=s.heads,
+                                  text_dim=s.text_dim, adapter_layers=s.adapter_layers, adapter_heads=s.heads,
+                                  adaln_lora_dim=s.lora_dim), str(files[0]))
+    save_file(make_text_encoder_state_dict(hidden=s.text_dim, layers=s.te_layers, heads=s.te_heads,
+                                           kv_heads=s.te_kv_heads, head_dim=s.te_head_dim, intermediate=s.te_mlp),
+              str(files[1]))
+    save_file(make_vae_state_dict(base_dim=s.vae_base), str(files[2]))
     return files
 
 
@@ -124,8 +145,9 @@ def ours_runner(files, sampler: str = "euler", scheduler: str = "simple"):
     return lambda size, steps: measure(generate, timer, size, steps)
 
 
-def diffusers_pipeline(files, blocks: int, te_layers: int):
-    """diffusers' modular Anima pipeline (`AnimaAutoBlocks`) holding the same weights, converted by diffusers."""
+def diffusers_pipeline(files, s: Sizes, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """diffusers' modular Anima pipeline (`AnimaAutoBlocks`) holding the same weights, converted by diffusers;
+    conditioner, transformer and VAE in `dtype` on `device`, the text encoder in fp32 (as ours)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
     from diffusers.guiders import ClassifierFreeGuidance
     from diffusers.image_processor import VaeImageProcessor
@@ -140,37 +162,40 @@ def diffusers_pipeline(files, blocks: int, te_layers: int):
 
     dit_sd = {k: v.float() for k, v in load_file(files[0]).items()}
     adapter_prefix = "net.llm_adapter."
-    conditioner = AnimaTextConditioner(source_dim=TEXT_DIM, target_dim=TEXT_DIM, model_dim=TEXT_DIM,
-                                       num_layers=ADAPTER_LAYERS, num_attention_heads=HEADS)
+    conditioner = AnimaTextConditioner(source_dim=s.text_dim, target_dim=s.text_dim, model_dim=s.text_dim,
+                                       num_layers=s.adapter_layers, num_attention_heads=s.heads)
     conditioner.load_state_dict({k.removeprefix(adapter_prefix): v for k, v in dit_sd.items()
                                  if k.startswith(adapter_prefix)})
     transformer = cosmos_transformer_class()(
-        in_channels=16, out_channels=16, num_attention_heads=HEADS, attention_head_dim=WIDTH // HEADS,
-        num_layers=blocks, mlp_ratio=4.0, text_embed_dim=TEXT_DIM, adaln_lora_dim=LORA_DIM, max_size=(128, 240, 240),
+        in_channels=16, out_channels=16, num_attention_heads=s.heads, attention_head_dim=s.width // s.heads,
+        num_layers=s.blocks, mlp_ratio=4.0, text_embed_dim=s.text_dim, adaln_lora_dim=s.lora_dim,
+        max_size=(128, 240, 240),
         patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0), concat_padding_mask=True, extra_pos_embed_type=None)
     transformer.load_state_dict(convert_cosmos_transformer_checkpoint_to_diffusers(
         {k: v for k, v in dit_sd.items() if not k.startswith(adapter_prefix)}))
     text_encoder = Qwen3Model(Qwen3Config(
-        vocab_size=151936, hidden_size=TEXT_DIM, intermediate_size=TE_MLP, num_hidden_layers=te_layers,
-        num_attention_heads=TE_HEADS, num_key_value_heads=TE_KV_HEADS, head_dim=TE_HEAD_DIM, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False))
+        vocab_size=151936, hidden_size=s.text_dim, intermediate_size=s.te_mlp, num_hidden_layers=s.te_layers,
+        num_attention_heads=s.te_heads, num_key_value_heads=s.te_kv_heads, head_dim=s.te_head_dim, rms_norm_eps=1e-6,
+        rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False))
     text_encoder.load_state_dict({k.removeprefix("model."): v.float() for k, v in load_file(files[1]).items()})
-    vae = AutoencoderKLQwenImage(base_dim=VAE_BASE)
+    vae = AutoencoderKLQwenImage(base_dim=s.vae_base, dim_mult=[1, 2, 4, 4])
     vae.load_state_dict(convert_wan_vae_to_diffusers({k: v.float() for k, v in load_file(files[2]).items()}))
+    text_encoder = text_encoder.to(device).eval()
+    conditioner, transformer, vae = (m.to(device, dtype).eval() for m in (conditioner, transformer, vae))
 
     pipe = AnimaAutoBlocks().init_pipeline()
     pipe.update_components(
-        text_encoder=text_encoder.eval(), tokenizer=Qwen2Tokenizer.from_pretrained(TOKENIZER_DIR / "qwen"),
+        text_encoder=text_encoder, tokenizer=Qwen2Tokenizer.from_pretrained(TOKENIZER_DIR / "qwen"),
         t5_tokenizer=T5TokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "t5" / "tokenizer.json")),
-        text_conditioner=conditioner.eval(), transformer=transformer.eval(), vae=vae.eval(),
+        text_conditioner=conditioner, transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), guider=ClassifierFreeGuidance(guidance_scale=4.0),
         image_processor=VaeImageProcessor(vae_scale_factor=8))
     return pipe, text_encoder, conditioner, transformer, vae
 
 
-def diffusers_runner(files, blocks: int, te_layers: int):
+def diffusers_runner(files, sizes: Sizes):
     """A function (size, steps) -> phase seconds, after a warm-up run."""
-    pipe, text_encoder, conditioner, transformer, vae = diffusers_pipeline(files, blocks, te_layers)
+    pipe, text_encoder, conditioner, transformer, vae = diffusers_pipeline(files, sizes)
     timer = PhaseTimer()
     timer.module("text encode", text_encoder)
     timer.module("text encode", conditioner)
@@ -206,11 +231,11 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
 
+    sizes = Sizes(blocks=args.blocks, te_layers=args.te_layers)
     with tempfile.TemporaryDirectory() as folder:
-        files = write_checkpoints(Path(folder), args.blocks, args.te_layers)
+        files = write_checkpoints(Path(folder), sizes)
         with torch.inference_mode():
-            runners = (ours_runner(files, args.sampler, args.scheduler),
-                       diffusers_runner(files, args.blocks, args.te_layers))
+            runners = ours_runner(files, args.sampler, args.scheduler), diffusers_runner(files, sizes)
             runs = [[run(args.size, args.steps) for run in runners] for _ in range(args.repeats)]
     ours, reference = (best_split([r[i] for r in runs]) for i in range(2))
 

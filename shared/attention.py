@@ -23,13 +23,21 @@ from torch import Tensor
 
 ATTENTION_MODES = ("auto", "sdpa", "flash", "sage", "sage2")
 _MODULE_OF_MODE = {"flash": "flash_attn", "sage": "sageattention", "sage2": "sageattention"}
+FUSED_MIN_CAPABILITY = 8  # flash-attn 2 and SageAttention need Ampere (sm80) or later
 
 _configured_mode = "auto"
 
 
-def available_attention_modes() -> list[str]:
-    """Modes whose backing package is importable here ("auto" and "sdpa" always are)."""
-    return [m for m in ATTENTION_MODES if m not in _MODULE_OF_MODE or importlib.util.find_spec(_MODULE_OF_MODE[m])]
+_available_modes: tuple[str, ...] | None = None
+
+
+def available_attention_modes() -> tuple[str, ...]:
+    """Modes whose backing package is importable here ("auto" and "sdpa" always are); looked up once."""
+    global _available_modes
+    if _available_modes is None:
+        _available_modes = tuple(m for m in ATTENTION_MODES
+                                 if m not in _MODULE_OF_MODE or importlib.util.find_spec(_MODULE_OF_MODE[m]))
+    return _available_modes
 
 
 def check_attention_mode(mode: str) -> str:
@@ -64,12 +72,15 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, ma
     return out.transpose(1, 2)
 
 
+# The extension kernels are opaque to torch.compile: each call runs outside the traced graph.
+@torch.compiler.disable()
 def _flash(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, mask: Tensor | None) -> Tensor:
     from flash_attn import flash_attn_func
 
     return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
 
 
+@torch.compiler.disable()
 def _sage(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, mask: Tensor | None) -> Tensor:
     from sageattention import sageattn
 
@@ -79,17 +90,33 @@ def _sage(q: Tensor, k: Tensor, v: Tensor, scale: float | None, causal: bool, ma
 _BACKENDS: dict[str, Callable[..., Tensor]] = {"sdpa": _sdpa, "flash": _flash, "sage": _sage, "sage2": _sage}
 
 
-def _resolve(mode: str, q: Tensor, mask: Tensor | None) -> str:
+def _fused_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= FUSED_MIN_CAPABILITY
+
+
+def _resolve(mode: str, device: torch.device, dtype: torch.dtype, masked: bool) -> str:
+    """The backend for a call: `mode` validated, "auto" made concrete, and any fused kernel that cannot
+    take these inputs (CPU, fp32, a mask, a GPU before sm80) replaced by SDPA rather than failing."""
     check_attention_mode(mode)
-    fused_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and mask is None
+    fused_ok = dtype in (torch.float16, torch.bfloat16) and not masked and _fused_capable(device)
     if mode == "auto":
         preferred = [m for m in ("sage2", "sage", "flash") if m in available_attention_modes()]
         return preferred[0] if preferred and fused_ok else "sdpa"
-    # flash/sage kernels only take half-precision CUDA tensors without masks: fall back rather than fail
     return mode if mode == "sdpa" or fused_ok else "sdpa"
 
 
-@torch.compiler.disable()
+_resolved: dict[tuple[str, torch.device, torch.dtype, bool], Callable[..., Tensor]] = {}
+
+
+def _backend(mode: str, q: Tensor, mask: Tensor | None) -> Callable[..., Tensor]:
+    """The backend function, resolved once per (mode, device, dtype, masked)."""
+    key = (mode, q.device, q.dtype, mask is not None)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolved[key] = _BACKENDS[_resolve(*key)]
+    return backend
+
+
 def pay_attention(
     qkv_list: list[Tensor],
     dropout_p: float = 0.0,
@@ -108,12 +135,12 @@ def pay_attention(
 
     `attention_mask` (bool or additive, broadcastable to `[B, H, Lq, Lk]`) forces SDPA. The other
     Wan2GP arguments (dropout, windows, varlen lengths) are accepted for signature compatibility;
-    inference never uses dropout, and no Anima model uses windows or varlen batches.
+    inference never uses dropout, and no Anima model uses windows or varlen batches. The SDPA path is
+    traceable by torch.compile (no graph break); flash and sage run outside the graph.
     """
     q, k, v = qkv_list
     qkv_list.clear()
     if causal and attention_mask is not None:
         raise ValueError("pay_attention: give either causal=True or an attention_mask, not both.")
-    mode = _resolve(_requested_mode(force_attention), q, attention_mask)
-    out = _BACKENDS[mode](q, k, v, softmax_scale, causal, attention_mask)
-    return out.to(q.dtype)
+    backend = _backend(_requested_mode(force_attention), q, attention_mask)
+    return backend(q, k, v, softmax_scale, causal, attention_mask).to(q.dtype)

@@ -102,7 +102,11 @@ def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentP
     perf.add_argument("--attention", default="auto", metavar="MODE", help=ATTENTION_HELP)
     perf.add_argument("--profile", type=_profile, default=-1.0, metavar="N",
                       help="mmgp offload profile on a GPU (1 = most VRAM and RAM ... 5 = least; 3.5 and 4.5 "
-                           "too); -1: 4")
+                           "too); -1: chosen from the free VRAM and RAM when the model loads (the log says which)")
+    perf.add_argument("--no-offload", action="store_true",
+                      help="on a GPU, place every model on it without mmgp (big cards, benchmarks)")
+    perf.add_argument("--compile", action="store_true",
+                      help="on a GPU, torch.compile the transformer's blocks (slow first image, faster after)")
     perf.add_argument("--dtype", choices=DTYPES, default="auto",
                       help="model dtype; auto: the model's policy (fp32 on the CPU, bf16 on a GPU that has it, "
                            "else fp16)")

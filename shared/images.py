@@ -67,8 +67,10 @@ def latent_preview(latent: Tensor, factors: list[list[float]], bias: list[float]
     import torch
 
     x = latent[:, 0] if latent.dim() == 4 else latent  # [C, h, w]
-    weights = torch.tensor(factors, dtype=torch.float32)  # [C, 3]
-    rgb = torch.einsum("chw,cr->rhw", x.detach().float().cpu(), weights) + torch.tensor(bias).view(3, 1, 1)
+    # explicit CPU tensors: mmgp leaves torch's default device on CUDA in the generating thread
+    weights = torch.tensor(factors, dtype=torch.float32, device="cpu")  # [C, 3]
+    offset = torch.tensor(bias, dtype=torch.float32, device="cpu").view(3, 1, 1)
+    rgb = torch.einsum("chw,cr->rhw", x.detach().float().cpu(), weights) + offset
     image = tensor_to_pil(rgb)
     scale = max(1, -(-min_side // min(image.size)))
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)

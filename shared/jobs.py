@@ -62,6 +62,7 @@ class JobQueue:
         self._snap = Snapshot()
         self._cond = threading.Condition()
         self._worker: threading.Thread | None = None
+        self._preview_failed_job: int | None = None  # a job whose preview raised: no more previews for it
 
     def _update(self, **changes: Any) -> None:
         """Replace the snapshot (call with the lock held); wakes the worker."""
@@ -113,8 +114,14 @@ class JobQueue:
 
     def _set_progress(self, job: Job, phase: str, step: StepInfo | None = None) -> None:
         preview = None
-        if step is not None and step.latent is not None and self._preview is not None:
-            preview = self._preview(job.settings["model_type"], step.latent)
+        wanted = self._preview is not None and self._preview_failed_job != job.id
+        if step is not None and step.latent is not None and wanted:
+            try:
+                preview = self._preview(job.settings["model_type"], step.latent)
+            except Exception:  # a preview is a nicety: it never stops the generation
+                self._preview_failed_job = job.id
+                self.log(f"Task #{job.id}: the live preview failed, the task goes on without it.\n"
+                         f"{traceback.format_exc()}")
         with self._cond:
             self._update(progress=Progress(job, phase, step), preview=preview or self._snap.preview)
 

@@ -22,13 +22,13 @@ from torch import Tensor
 from shared.files import DownloadError, fetch_model_files, missing_model_files
 from shared.images import a1111_parameters, check_output_dir, image_stem, save_image, tensor_to_pil
 from shared.loras import TaskLora, lora_short_hash, task_loras
-from shared.offload import offload_pipe
+from shared.offload import PROFILE_NAMES, auto_profile, offload_pipe
 from shared.settings import ModelRegistry, Task
 
 APP_VERSION = "AnimaGP"
 RANDOM_SEED_MAX = 999_999_999  # Wan2GP's range for seed -1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_GPU_PROFILE = 4.0  # Wan2GP's default for image models: LowRAM_LowVRAM
+AUTO_PROFILE = -1.0  # chosen from the free VRAM and RAM when the model loads
 
 
 class GenerationError(RuntimeError):
@@ -56,10 +56,12 @@ class RuntimeOptions:
     lora_dir: Path | None = None  # None: the handler's folder under `lora_root`
     lora_root: Path = Path("loras")
     dtype: str = "auto"
-    profile: float = -1.0
+    profile: float = AUTO_PROFILE
     image_format: str = "png"
     low_memory: bool = False  # free the text encoder after encoding (model_factory's low_memory)
     local_lora_paths: frozenset[str] = frozenset()  # LoRA paths the local command line gave (may be anywhere)
+    offload: bool = True  # False: with CUDA, every model is placed on the GPU (no mmgp)
+    compile: bool = False  # torch.compile the transformer's blocks (CUDA only)
 
 
 @dataclass(frozen=True)
@@ -164,15 +166,30 @@ class Runtime:
         paths = self.model_files(model_type)
         dtype = requested_dtype(self.options.dtype, entry.definition)
         self.log(f"Loading {entry.name}...")
-        profile = DEFAULT_GPU_PROFILE if self.options.profile == -1 else self.options.profile
         model, pipe = entry.handler.load_model(
             [str(p) for p in paths], model_type, entry.base_model_type, entry.definition, dtype=dtype,
-            profile=profile, low_memory=self.options.low_memory,
+            profile=self.options.profile, low_memory=self.options.low_memory,
         )
         # with CUDA, mmgp streams the modules to the GPU; fp32 leftovers become `dtype` (modules that carry
         # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
-        self._loaded = _Loaded(model_type, model, pipe, offload_pipe(pipe, profile, dtype or torch.bfloat16))
+        offload = offload_pipe(pipe, self._profile(pipe), dtype or torch.bfloat16, offload=self.options.offload,
+                               compile=self.options.compile)
+        self._loaded = _Loaded(model_type, model, pipe, offload)
         return model
+
+    def _profile(self, pipe: Any) -> float:
+        """The mmgp profile to use (`--profile`, or chosen from free memory for -1), said in the log."""
+        if not torch.cuda.is_available():
+            return self.options.profile
+        if not self.options.offload:
+            self.log("No offloading: every model is placed on the GPU.")
+            return self.options.profile
+        if self.options.profile != AUTO_PROFILE:
+            return self.options.profile
+        profile, why = auto_profile(pipe)
+        self.log(f"Memory profile {profile:g} ({PROFILE_NAMES[profile]}), chosen from free memory: {why}. "
+                 f"--profile N sets it.")
+        return profile
 
     def release(self) -> None:
         if self._loaded is None:
@@ -228,8 +245,8 @@ class Runtime:
                                   f"nothing; {NON_FINITE_HINT}.")
         if out is None:  # aborted
             return None
-        images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W] in [-1, 1]
-        if not bool(torch.isfinite(images).all()):
+        images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W], uint8 or floats in [-1, 1]
+        if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise GenerationError(f"The decoded image holds NaN or infinite values, so nothing was saved; "
                                   f"{NON_FINITE_HINT}.")
         return self._save_all(images, task, prompt, loras, on_saved)

@@ -398,7 +398,7 @@ def test_help_lists_every_flag(capsys):
     for flag in ("--process", "--prompts-file", "--prompt", "--ckpts-dir", "--output-dir", "--lora-dir",
                  "--attention", "--profile", "--dtype", "--image-format", "--listen", "--server-port", "--dry-run",
                  "--model", "--seed", "--steps", "--guidance", "--resolution", "--batch-size", "--sampler", "--lora",
-                 "--lora-multipliers", "--low-memory"):
+                 "--lora-multipliers", "--low-memory", "--no-offload", "--compile"):
         assert flag in text
 
 

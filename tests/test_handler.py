@@ -115,6 +115,20 @@ def test_model_files_and_definition():
     assert data["sample_solver"] == "er_sde" and data["num_inference_steps"] == 30
 
 
+def test_the_architecture_has_a_definition_of_its_own_name():
+    # upstream Wan2GP reads get_model_def(<architecture>) for every model of a family (validation, its
+    # model list): the base model, Anima Base v1.0, is that definition, as flux.json is Flux dev
+    definitions = {p.stem: json.loads(p.read_text()) for p in (ROOT / "defaults").glob("anima*.json")}
+    assert {"anima", "anima_preview"} <= set(definitions)
+    assert all(d["model"]["architecture"] == "anima" for d in definitions.values())
+    base = definitions["anima"]
+    assert base["model"]["name"] == "Anima Base v1.0"
+    assert base["model"]["URLs"] == [f"{HUB}/diffusion_models/anima-base-v1.0.safetensors"]
+    assert (base["resolution"], base["num_inference_steps"], base["guidance_scale"]) == ("1024x1024", 30, 4.0)
+    names = [d["model"]["name"] for d in definitions.values()]
+    assert len(names) == len(set(names))  # no model listed twice
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 
@@ -156,6 +170,17 @@ def test_explicit_dtype_overrides_policy(ckpts):
     assert model.dtypes.transformer == torch.bfloat16
     assert model.transformer.t_embedding_norm.weight.dtype == torch.bfloat16
     assert model.dtypes.vae == torch.float32 and model.dtypes.text_encoder == torch.float32
+
+
+@pytest.mark.parametrize("host_vae_dtype, vae_dtype", [
+    (torch.float16, torch.float32),  # upstream's default "16": the policy (fp32 here, on the CPU)
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (None, torch.float32),
+])
+def test_host_vae_dtype_maps_to_the_policy(ckpts, host_vae_dtype, vae_dtype):
+    model, pipe = handler.load_model([str(ckpts / DIT_FILE)], VAE_dtype=host_vae_dtype)
+    assert model.dtypes.vae == vae_dtype and pipe["vae"].conv2.weight.dtype == vae_dtype
 
 
 # --- files -----------------------------------------------------------------------------------------

@@ -10,14 +10,13 @@ from diffusers.loaders.single_file_utils import (
     convert_cosmos_transformer_checkpoint_to_diffusers,
     convert_wan_vae_to_diffusers,
 )
-from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from models.anima.anima_handler import family_handler
 from models.anima.anima_main import model_factory
 from models.anima.text_encoder import TOKENIZER_DIR
-from tests.reference import cosmos_transformer_class
+from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
 from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
 
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
@@ -68,24 +67,22 @@ class DiTCalls:
 def test_generate_returns_batch_of_images_of_requested_size(model):
     out = run(model, batch_size=2)
     images = out["x"]
-    assert images.shape == (3, 2, 48, 64) and images.dtype == torch.float32
-    assert torch.isfinite(images).all() and images.abs().max() <= 1.0
-    assert images.std() > 0.01  # not a constant image
+    assert images.shape == (3, 2, 48, 64) and images.dtype == torch.uint8  # pixels, as ComfyUI saves them
+    assert images.float().std() > 2  # not a constant image
     assert out["seed"] == 7
 
 
 def test_same_seed_gives_identical_images(model):
     assert torch.equal(run(model)["x"], run(model)["x"])
-    assert not torch.allclose(run(model)["x"], run(model, seed=8)["x"])
+    assert not torch.equal(run(model)["x"], run(model, seed=8)["x"])
 
 
-@pytest.mark.parametrize("solver", ["er_sde", "euler"])
+@pytest.mark.parametrize("solver", ["er_sde", "euler", "euler_a", "dpmpp_2m_sde"])
 def test_batch_image_i_equals_single_run_with_seed_plus_i(model, solver):
     batch = run(model, batch_size=3, seed=20, sample_solver=solver)["x"]
     for i in range(3):
         single = run(model, seed=20 + i, sample_solver=solver)["x"]
-        # the same math; a bigger matrix product may only round differently
-        assert torch.allclose(batch[:, i:i + 1], single, atol=1e-5, rtol=0)
+        assert torch.equal(batch[:, i:i + 1], single)  # bit for bit: "re-make any image alone" holds
 
 
 def test_callback_sequence(model):
@@ -116,14 +113,14 @@ def test_abort_returns_none_and_stops_sampling(model):
 def test_cfg_batching(model):
     with DiTCalls(model.transformer) as dit:
         joint = run(model, batch_size=2, joint_pass=True)["x"]
-    assert dit.batches == [4, 4, 4]  # cond and uncond of 2 images in one forward per step
+    assert dit.batches == [2] * 6  # per image and step, its cond and uncond in one forward
     with DiTCalls(model.transformer) as dit:
         sequential = run(model, batch_size=2, joint_pass=False)["x"]
-    assert dit.batches == [2] * 6
-    assert torch.allclose(joint, sequential, atol=1e-5, rtol=0)
+    assert dit.batches == [1] * 12
+    assert (joint.int() - sequential.int()).abs().max() <= 1  # only rounding differs
     with DiTCalls(model.transformer) as dit:
         run(model, batch_size=2, guide_scale=1.0)
-    assert dit.batches == [2, 2, 2]  # CFG 1: no negative pass
+    assert dit.batches == [1] * 6  # CFG 1: no negative pass
 
 
 def test_image_size_must_be_a_multiple_of_16(model):
@@ -199,7 +196,7 @@ def lora_dir(tmp_path_factory):
 def test_loras_from_kwarg_and_prompt_tags(model, lora_dir):
     base = run(model, loras=[])["x"]
     styled = run(model, loras=[(lora_dir / "style.safetensors", 0.8)])["x"]
-    assert (styled - base).abs().max() > 1e-3
+    assert (styled.int() - base.int()).abs().max() >= 1
     tagged = run(model, input_prompt=f"{PROMPT}, <lora:style:0.8>", loras=[], lora_dir=str(lora_dir))["x"]
     assert torch.equal(tagged, styled)  # the tag is removed from the prompt and activates the same LoRA
     assert torch.equal(run(model)["x"], styled)  # loras=None and no tag: the LoRA stays active
@@ -209,7 +206,7 @@ def test_loras_from_kwarg_and_prompt_tags(model, lora_dir):
 def test_text_encoder_lora_invalidates_cached_prompts(model, lora_dir):
     base = run(model, loras=[])["x"]  # the prompts are cached now
     worded = run(model, loras=[(lora_dir / "words.safetensors", 1.0)])["x"]
-    assert (worded - base).abs().max() > 1e-3
+    assert (worded.int() - base.int()).abs().max() >= 1
     assert torch.equal(run(model, loras=[])["x"], base)
 
 
@@ -235,14 +232,14 @@ class Reference:
         self.text_encoder = Qwen3Model(Qwen3Config(
             vocab_size=151936, hidden_size=HIDDEN, intermediate_size=TE_MLP, num_hidden_layers=TE_LAYERS,
             num_attention_heads=TE_HEADS, num_key_value_heads=TE_KV_HEADS, head_dim=TE_HEAD_DIM, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
+            rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=32768,
             attention_bias=False, tie_word_embeddings=False)).eval()
         self.text_encoder.load_state_dict(te_sd, strict=True)
         self.qwen_tokenizer = Qwen2Tokenizer.from_pretrained(TOKENIZER_DIR / "qwen")
         self.t5_tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "t5" / "tokenizer.json"))
 
         dit_sd = {k: v.float() for k, v in load_file(ckpts / DIT_FILE).items()}
-        self.adapter = AnimaTextConditioner(source_dim=HIDDEN, target_dim=HIDDEN, model_dim=HIDDEN,
+        self.adapter = anima_text_conditioner_class()(source_dim=HIDDEN, target_dim=HIDDEN, model_dim=HIDDEN,
                                             num_layers=ADAPTER_LAYERS, num_attention_heads=ADAPTER_HEADS).eval()
         self.adapter.load_state_dict({k.removeprefix(ADAPTER_PREFIX): v for k, v in dit_sd.items()
                                       if k.startswith(ADAPTER_PREFIX)}, strict=True)
@@ -257,7 +254,7 @@ class Reference:
             if name.endswith(("norm_q", "norm_k")):
                 module.eps = 1e-6  # the checkpoint's q/k RMSNorm eps; diffusers' generic default is 1e-5
         vae_sd = {k: v.float() for k, v in load_file(ckpts / VAE_FILE).items()}
-        self.vae = AutoencoderKLQwenImage(base_dim=8).eval()
+        self.vae = AutoencoderKLQwenImage(base_dim=8, dim_mult=[1, 2, 4, 4]).eval()  # a list: see test_vae
         self.vae.load_state_dict(convert_wan_vae_to_diffusers(vae_sd), strict=True)
 
     def context(self, text):
@@ -301,9 +298,15 @@ def relative_error(ours, ref):
 
 def test_whole_loop_matches_reference(ckpts, model):
     reference = Reference(ckpts)
-    latents = []
+    latents, decoded = [], []
     decode = model.vae.decode
-    model.vae.decode = lambda z, **kw: (latents.append(z), decode(z, **kw))[1]
+
+    def recording_decode(z, **kw):
+        latents.append(z)
+        decoded.append(decode(z, **kw))
+        return decoded[-1]
+
+    model.vae.decode = recording_decode
     try:
         ours = run(model, sample_solver="euler", guide_scale=4.0, sampling_steps=5, seed=3, loras=[])
     finally:
@@ -311,5 +314,8 @@ def test_whole_loop_matches_reference(ckpts, model):
     ref_latent = reference.final_latent(PROMPT, NEGATIVE, seed=3, steps=5, cfg=4.0, **SIZE)
     assert relative_error(latents[0], ref_latent) <= 1e-4
     ref_image = reference.decode(ref_latent)
-    assert relative_error(ours["x"].transpose(0, 1), ref_image) <= 1e-4
-    assert F.mse_loss(ours["x"].transpose(0, 1), ref_image) < 1e-9
+    assert relative_error(decoded[0], ref_image) <= 1e-4
+    assert F.mse_loss(decoded[0], ref_image) < 1e-9
+    # the pixels returned are the decoded image as ComfyUI saves it: (x + 1) / 2 * 255, truncated
+    ref_pixels = (((ref_image + 1) / 2).clamp(0, 1) * 255).floor()
+    assert (ours["x"].transpose(0, 1).float() - ref_pixels).abs().max() <= 1  # 1: a value on a level's edge

@@ -11,9 +11,9 @@ from tests.test_pipeline import DiTCalls, ckpts, model, one_thread, run  # noqa:
 @pytest.mark.parametrize("solver", list(sampling.SAMPLERS))
 def test_every_sampler_makes_images_reproducible_at_any_batch_position(model, solver):
     batch = run(model, batch_size=2, seed=30, sample_solver=solver, sampling_steps=3)["x"]
-    assert torch.isfinite(batch).all() and batch.abs().max() <= 1.0 and batch.std() > 0.01
+    assert batch.dtype == torch.uint8 and batch.float().std() > 1.0  # pixels, not a flat image
     single = run(model, seed=31, sample_solver=solver, sampling_steps=3)["x"]
-    assert torch.allclose(batch[:, 1:2], single, atol=1e-5, rtol=0)
+    assert torch.equal(batch[:, 1:2], single)  # image i of a batch is exactly seed + i made alone
 
 
 def test_dit_calls_per_sampler(model):

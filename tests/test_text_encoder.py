@@ -37,14 +37,23 @@ def text_encoder(te_file):
     return load_text_encoder(te_file)
 
 
+def spec_inv_freq(head_dim: int) -> torch.Tensor:
+    """Qwen3's rotary frequencies with the spec's theta 1e6 (anima_reference.md §7.2)."""
+    return 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """Qwen3Model from a literal config (Qwen3-0.6B constants, tiny widths) and the tiny file's weights."""
+    """Qwen3Model from a literal config (Qwen3-0.6B constants, tiny widths) and the tiny file's weights.
+    theta is given in both spellings: transformers 4.x reads `rope_theta`, 5.x `rope_parameters`; the
+    assertion proves the reference itself rotates with the spec's frequencies under either."""
     config = Qwen3Config(vocab_size=151936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False)
+                         rope_theta=1e6, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                         tie_word_embeddings=False)
     model = Qwen3Model(config).eval()
     model.load_state_dict({k.removeprefix("model."): v.float() for k, v in make_text_encoder_state_dict().items()})
+    torch.testing.assert_close(model.rotary_emb.inv_freq, spec_inv_freq(8), rtol=0, atol=0)
     return model
 
 
@@ -133,8 +142,7 @@ def test_tiny_file_matches_transformers_qwen3model(text_encoder, reference):
         assert got.shape == (1, len(tokens.qwen_ids), 32) and got.dtype == torch.float32
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert encode_prompt(text_encoder, tokenize_prompt("")).abs().sum() > 0  # real <|endoftext|> state
-    inv_freq = text_encoder.rotary_emb.inv_freq
-    torch.testing.assert_close(inv_freq, 1.0 / 1e6 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    torch.testing.assert_close(text_encoder.rotary_emb.inv_freq, spec_inv_freq(8), rtol=0, atol=0)
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in text_encoder.parameters())
 
 
@@ -186,7 +194,8 @@ def test_config_inferred_from_shapes():
         TextEncoderConfig(vocab_size=151936, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3,
                           head_dim=16, intermediate_size=80)
     model = load_text_encoder(sd)
-    assert model.config.num_key_value_heads == 3 and model.config.rope_parameters["rope_theta"] == 1e6
+    assert model.config.num_key_value_heads == 3
+    torch.testing.assert_close(model.rotary_emb.inv_freq, spec_inv_freq(16), rtol=0, atol=0)
     assert model.config.rms_norm_eps == 1e-6 and len(model.layers) == 3
 
 

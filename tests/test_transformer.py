@@ -5,10 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
-from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
 
 from models.anima.anima_model import MIN_CONTEXT_TOKENS, load_anima_model
-from tests.reference import cosmos_transformer_class
+from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
 from tests.tiny_dit import make_dit_state_dict
 
 WIDTH, BLOCKS, HEADS, TEXT_DIM, ADAPTER_LAYERS, ADAPTER_HEADS, LORA_DIM = 64, 2, 4, 32, 2, 4, 16
@@ -52,7 +51,7 @@ def reference_dit(state_dict):
 
 @pytest.fixture(scope="module")
 def reference_adapter(state_dict):
-    ref = AnimaTextConditioner(source_dim=TEXT_DIM, target_dim=TEXT_DIM, model_dim=TEXT_DIM,
+    ref = anima_text_conditioner_class()(source_dim=TEXT_DIM, target_dim=TEXT_DIM, model_dim=TEXT_DIM,
                                num_layers=ADAPTER_LAYERS, num_attention_heads=ADAPTER_HEADS)
     adapter_sd = {k.removeprefix(ADAPTER_PREFIX): v.float() for k, v in state_dict.items()
                   if k.startswith(ADAPTER_PREFIX)}

@@ -38,7 +38,8 @@ def diffusers_vae(sd, dtype=torch.float32):
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
     with torch.device("meta"):
-        ref = AutoencoderKLQwenImage(base_dim=sd["decoder.head.0.gamma"].shape[0])
+        # dim_mult as a list: diffusers 0.36 (upstream Wan2GP's pin) fails on its own tuple default
+        ref = AutoencoderKLQwenImage(base_dim=sd["decoder.head.0.gamma"].shape[0], dim_mult=[1, 2, 4, 4])
     ref.load_state_dict({k: v.to(dtype) for k, v in convert_wan_vae_to_diffusers(sd).items()}, assign=True)
     return ref.eval().requires_grad_(False)
 

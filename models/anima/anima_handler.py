@@ -163,7 +163,12 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         save_quantized: True (the host's `--save-quantized`): inside upstream Wan2GP its `save_quantized_model`
         writes, names and registers the file (mmgp's quanto int8, or ConvRot with `--convrot`, both read
         here); elsewhere `<dit>_int8.safetensors` is written beside the DiT. A path: write there. Our files
-        use ComfyUI's `comfy_quant` layout (`save_anima_model`)."""
+        use ComfyUI's `comfy_quant` layout (`save_anima_model`).
+        Upstream Wan2GP always passes VAE_dtype, fp16 unless its "VAE precision" setting says 32: fp16 is
+        taken as "no preference" (the family's policy: bf16 where the GPU has it natively, else fp32, since
+        the Qwen-Image VAE can overflow in fp16); an explicit fp32 or bf16 is honoured."""
+        import torch
+
         from .anima_main import model_factory  # torch + transformers: only when a model is loaded
 
         files = [str(f) for f in (model_filename if isinstance(model_filename, (list, tuple)) else [model_filename])]
@@ -179,8 +184,8 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             files[0],
             find_component(files, TEXT_ENCODER_FILE, TEXT_ENCODER_FOLDER),
             find_component(files, VAE_FILE, VAE_FOLDER),
-            dtype=dtype, vae_dtype=VAE_dtype, low_memory=bool(kwargs.get("low_memory", False)),
-            quantize=quantize, save_quantized=save_path,
+            dtype=dtype, vae_dtype=None if VAE_dtype == torch.float16 else VAE_dtype,
+            low_memory=bool(kwargs.get("low_memory", False)), quantize=quantize, save_quantized=save_path,
         )
         if host_save is not None:
             host_save(model.transformer, model_type, files[0], model.dtypes.transformer, None)

@@ -5,15 +5,19 @@ One image, as in ComfyUI (anima_reference.md §1, §5):
     prompt -> Qwen3 hidden states (+ T5 ids) -> LLM adapter -> context [1, >=512, D]
     noise [16, 1, H/8, W/8] from a CPU generator seeded `seed + i` for image i
     scheduler sigmas (shift) -> sampler; each step x0 = x - sigma * DiT(x, sigma, context), CFG on x0
-    normalised latents -> VAE -> image [3, H, W] in [-1, 1]
+    normalised latents -> VAE -> image [3, H, W] in [-1, 1] -> uint8 pixels, truncated as ComfyUI saves them
 
 Devices: the models are loaded on the CPU. Without CUDA everything runs there; with CUDA the host hands
-the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, and `generate`
-puts its tensors on the execution device (`model_factory.device`).
+the module dict to mmgp (`offload.profile`), which moves weights to the GPU on demand, or places the
+modules on the GPU itself, and `generate` puts its tensors on the execution device (`model_factory.device`).
+Every tensor is made with an explicit device (noise, schedules and previews on the CPU on purpose): mmgp
+leaves torch's default device on CUDA, so nothing may rely on it.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 import os
 import secrets
@@ -27,7 +31,7 @@ from . import sampling, schedulers
 from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher
 from .lora_tags import extract_lora_tags, find_lora_file
-from .text_encoder import PromptCache, load_text_encoder
+from .text_encoder import EncodedPrompt, PromptCache, load_text_encoder
 from .vae import load_vae
 
 LATENT_CHANNELS = 16
@@ -47,11 +51,17 @@ class ModelDtypes:
 
 
 def default_device() -> torch.device:
-    """Where `generate` computes: the CUDA accelerator when there is one (mmgp streams the weights to it),
-    else the CPU."""
+    """Where `generate` computes: the current CUDA device when there is one (mmgp streams the weights to
+    it), else the CPU."""
     if torch.cuda.is_available():
-        return torch.accelerator.current_accelerator()
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores (Ampere, sm80, and later). `torch.cuda.is_bf16_supported()` also counts the
+    emulated bf16 of older GPUs, where it is slow and SDPA has no fused bf16 kernel."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def choose_dtypes(device: torch.device, transformer: torch.dtype | None = None, vae: torch.dtype | None = None,
@@ -59,12 +69,13 @@ def choose_dtypes(device: torch.device, transformer: torch.dtype | None = None, 
     """The dtype policy; an explicit dtype overrides its default.
 
     CPU: float32 everywhere, as ComfyUI computes there (the same files, seed and settings give its results).
-    GPU with bf16: bf16 DiT and VAE. GPU without bf16: fp16 DiT (it keeps its residual stream in fp32) and
-    fp32 VAE (the Qwen-Image VAE overflows in fp16). The text encoder always computes in fp32, as in ComfyUI.
+    GPU with native bf16 (sm80+): bf16 DiT and VAE. Other GPUs: fp16 DiT (it keeps its residual stream in
+    fp32) and fp32 VAE (the Qwen-Image VAE overflows in fp16). The text encoder always computes in fp32, as
+    in ComfyUI.
     """
     if device.type == "cpu":
         default = ModelDtypes(torch.float32, torch.float32, torch.float32)
-    elif device.type == "cuda" and torch.cuda.is_bf16_supported():
+    elif has_native_bf16(device):
         default = ModelDtypes(torch.bfloat16, torch.bfloat16, torch.float32)
     else:
         default = ModelDtypes(torch.float16, torch.float32, torch.float32)
@@ -88,6 +99,16 @@ def vae_tile_pixels(vae_tile_size: int | Sequence | None) -> int | None:
         use_tiling, size = (list(vae_tile_size) + [0])[:2]
         return int(size) if use_tiling and size else None
     return int(vae_tile_size) if vae_tile_size else None
+
+
+def comfyui_pixels(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as uint8 the way ComfyUI saves them: to [0, 1], then 255 * x truncated. Returning
+    pixels rather than floats makes every host save these exact values (upstream Wan2GP rounds floats).
+    NaN or infinite values (which uint8 would silently turn black) raise a ValueError instead."""
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("The decoded image holds NaN or infinite values, so it was not saved; likely causes: a "
+                         "LoRA strength far too high, or fp16 overflowing on this GPU (try --dtype bf16 or fp32).")
+    return (((images.float() + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def _exact(tensor: Tensor) -> Tensor:
@@ -158,7 +179,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                  VAE_tile_size: int | Sequence | None = None, joint_pass: bool = True,  # noqa: N803 (Wan2GP)
                  loras: LoraRequest | None = None, lora_dir: str | os.PathLike | None = None,
                  offloadobj=None, scheduler: str | None = None, cfg_truncation: float | None = None,
-                 custom_settings: dict | None = None, **kwargs) -> dict[str, Tensor | int] | None:
+                 custom_settings: dict | None = None, loras_slists: dict | None = None,
+                 **kwargs) -> dict[str, Tensor | int] | None:
         """Generate `batch_size` images; Wan2GP's keyword arguments (others are accepted and ignored).
 
         input_prompt / n_prompt: positive and negative prompt (ComfyUI weight syntax; `<lora:name:0.8>`
@@ -178,10 +200,11 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         joint_pass: run the positive and negative passes as one batch (faster, more memory).
         loras: [(file, strength)] to make active (with the prompt's tags); None and no tags leave the
             current LoRAs as they are. offloadobj: mmgp's offload object (wgp passes it); it unloads the
-            models before LoRA weights change.
+            models before LoRA weights change. loras_slists: upstream Wan2GP's per-step multipliers of the
+            LoRAs it loaded through mmgp (applied with its own helpers when it has them).
 
-        Returns {"x": images [3, B, H, W] float32 in [-1, 1] on the CPU, "seed": the first seed}, or None
-        when `_interrupt` was set.
+        Returns {"x": images [3, B, H, W] uint8 on the CPU (`comfyui_pixels`), "seed": the first seed}, or
+        None when `_interrupt` was set.
         """
         check_image_size(width, height)
         if batch_size < 1:
@@ -197,31 +220,40 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         seeds = [seed + i for i in range(batch_size)]
         try:
             prompt = self._activate_loras(input_prompt, loras, lora_dir, offloadobj)
-            cond = self._context(prompt)
-            uncond = None if math.isclose(guide_scale, 1.0) else self._context(n_prompt or "")
+            prompts = [prompt] if math.isclose(guide_scale, 1.0) else [prompt, n_prompt or ""]
+            encoded = [self._encode(p) for p in prompts]  # the text encoder first, then the adapter (in the DiT)
             self._release_text_encoder()
-            denoise = self._denoiser(cond, uncond, guide_scale, joint_pass,
+            cond, *uncond = [self._context(e) for e in encoded]
+            denoise = self._denoiser(cond, uncond[0] if uncond else None, guide_scale, joint_pass,
                                      sampling.cfg_cutoff_sigma(sigmas, cfg_truncation))
-            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback)
+            lora_step = self._lora_step_setter(loras_slists, len(sigmas) - 1)
+            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step)
         except _Interrupted:
             return None
+        # the VAE decodes image by image, so each image is decoded exactly as it would be alone
         images = self.vae.decode(_exact(latents), tile_size=vae_tile_pixels(VAE_tile_size))  # [B, 3, H, W]
-        return {"x": images.float().transpose(0, 1).cpu(), "seed": seed}
+        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed}
 
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
-                height: int, shift: float, callback: Callable | None) -> Tensor:
+                height: int, shift: float, callback: Callable | None,
+                lora_step: Callable[[int], None] | None = None) -> Tensor:
         """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
         per-step noise from generators seeded `seeds + 1` and Brownian trees seeded `seeds` (ComfyUI's CPU
-        convention), Wan2GP callbacks."""
+        convention), Wan2GP callbacks. `lora_step(i)` runs before step i (upstream's per-step LoRA
+        multipliers)."""
         shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
         x = sampling.start_latents(sampling.seeded_randn(seeds, shape).to(self.device), sigmas)
         noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
-        on_step = None
         if callback is not None:
             callback(-1, None, True, override_num_inference_steps=len(sigmas) - 1)
+        if lora_step is not None:
+            lora_step(0)
 
-            def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
+        def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
+            if callback is not None:
                 callback(i, x0[:, :, 0].transpose(0, 1), False)  # [16, B, h, w]: images on the frame axis
+            if lora_step is not None and i + 1 < len(sigmas) - 1:
+                lora_step(i + 1)
 
         latents = sampling.sample(solver, denoise, x, sigmas, noise=noise, callback=on_step, shift=shift,
                                   seeds=seeds)
@@ -236,37 +268,48 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                   cfg_cutoff: float | None = None) -> sampling.Denoiser:
         """denoise(x, sigma) -> guided x0 for a batch x [B, 16, 1, h, w], with ComfyUI's arithmetic:
         x0 = x - v * sigma per pass, then x0_u + (x0_c - x0_u) * scale; at sigmas <= cfg_cutoff the
-        positive pass alone."""
+        positive pass alone.
+
+        The DiT runs image by image (with its CFG pair batched), so image i of a batch computes exactly
+        what it computes alone: a matrix product of another batch size may round differently."""
         def dit(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
             return self.transformer(x, t, context).float()  # v in fp32, as ComfyUI takes the model output
 
-        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-            self._check_interrupt()
-            batch = x.shape[0]
-            t = _exact(sigma.expand(batch))  # [B] sigma: the DiT's timestep
-            c = cond.expand(batch, -1, -1)
-            if uncond is None or (cfg_cutoff is not None and float(sigma) <= cfg_cutoff):
-                return x - dit(x, t, c) * sigma
-            u = uncond.expand(batch, -1, -1)
-            if joint_pass and c.shape == u.shape:
+        def denoise_one(x: Tensor, t: Tensor, sigma: Tensor, guided: bool) -> Tensor:  # x [1, 16, 1, h, w]
+            if not guided:
+                return x - dit(x, t, cond) * sigma
+            if joint_pass and cond.shape == uncond.shape:
                 # uncond first, as ComfyUI batches them
-                v_u, v_c = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([u, c])).chunk(2)
+                v_u, v_c = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
             else:  # contexts longer than 512 tokens cannot be zero-padded to match: padding changes attention
-                v_c, v_u = dit(x, t, c), dit(x, t, u)
+                v_c, v_u = dit(x, t, cond), dit(x, t, uncond)
             x0_c, x0_u = x - v_c * sigma, x - v_u * sigma
             return x0_u + (x0_c - x0_u) * guide_scale
+
+        def denoise(x: Tensor, sigma: Tensor) -> Tensor:
+            t = _exact(sigma.reshape(1))  # [1] sigma: the DiT's timestep
+            guided = uncond is not None and (cfg_cutoff is None or float(sigma) > cfg_cutoff)
+            outs = []
+            for one in x.split(1):
+                self._check_interrupt()
+                outs.append(denoise_one(one, t, sigma, guided))
+            return torch.cat(outs)
 
         return denoise
 
     # ------------------------------------------------------------------------------------------- text
 
-    def _context(self, prompt: str) -> Tensor:
-        """DiT context [1, max(512, Lt), D] in the DiT dtype, on the execution device."""
+    def _encode(self, prompt: str) -> EncodedPrompt:
+        """The prompt's tokens and Qwen3 hidden states (cached), from the text encoder alone."""
         patcher = self._lora_patcher
         te_loras = tuple(patcher.active_text_encoder) if patcher is not None else ()
         encoded = self._prompt_cache.encode(prompt, self._text_encoder_for_encoding,
                                             extra_key=(self.dtypes.text_encoder, te_loras), device=self.device)
         self._check_interrupt()
+        return encoded
+
+    def _context(self, encoded: EncodedPrompt) -> Tensor:
+        """DiT context [1, max(512, Lt), D] in the DiT dtype, on the execution device (the LLM adapter)."""
         ids, weights = encoded.tokens.t5_tensors(self.device)
         hidden = encoded.qwen_hidden.to(self.device, self.dtypes.transformer)
         return self.transformer.preprocess_text_embeds(hidden, ids, weights)
@@ -287,6 +330,21 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         self.text_encoder = self._lora_patcher = None
 
     # ------------------------------------------------------------------------------------------- LoRAs
+
+    def _lora_step_setter(self, loras_slists: dict | None, steps: int) -> Callable[[int], None] | None:
+        """Upstream Wan2GP's per-step LoRA multipliers (`loras_slists`, from settings such as "1.0,0.5"):
+        its helper expands them for `steps`, and mmgp's LoRA hooks then read the step number set here
+        before each step. None when the host did not load LoRAs through mmgp or lacks the helper (this
+        app merges LoRAs itself, at constant strengths)."""
+        if not loras_slists or not hasattr(self.transformer, "_loras_model_data"):
+            return None
+        try:  # upstream's module, only present when the family runs inside Wan2GP
+            multipliers = importlib.import_module("shared.utils.loras_mutipliers")
+            from mmgp import offload
+        except ImportError:
+            return None
+        multipliers.update_loras_slists(self.transformer, loras_slists, steps)
+        return functools.partial(offload.set_step_no_for_lora, self.transformer)
 
     def _activate_loras(self, prompt: str, loras: LoraRequest | None, lora_dir: str | os.PathLike | None,
                         offloadobj=None) -> str:

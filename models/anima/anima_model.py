@@ -137,13 +137,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x [B, L, H, D]; cos, sin [L, 1, D/2]. The arithmetic runs in the table's dtype: the DiT passes an
     fp32 table (rotation in fp32, as the reference does), the adapter one already cast to x's dtype.
     """
-    x_rot = x.to(cos.dtype)
-    x1, x2 = x_rot.chunk(2, dim=-1)  # [B, L, H, D/2] each
-    out = torch.empty_like(x_rot)
-    out1, out2 = out.chunk(2, dim=-1)
-    # written into halves of one output: no temporaries, no concatenation copy
-    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
-    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)  # x2 cos + x1 sin
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)  # [B, L, H, D/2] each
+    # functional (no `out=` into views), so torch.compile traces it in one graph
+    out = torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1),  # x1 cos - x2 sin
+                     torch.addcmul(x2 * cos, x1, sin)), dim=-1)  # x2 cos + x1 sin
     return out.to(x.dtype)
 
 
@@ -354,9 +351,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(d, patch_volume * cfg.out_channels, bias=False)
 
     def forward(self, x: Tensor, emb: Tensor, adaln_lora: Tensor) -> Tensor:
+        """x [B, L, D] the residual stream (fp32 when computing in fp16: normalised before it is cast)."""
         d = x.shape[-1]
         shift, scale = (self.adaln_modulation(emb) + adaln_lora[..., : 2 * d]).chunk(2, dim=-1)
-        return self.linear(_modulate(x, shift, scale))
+        return self.linear(_modulate(x, shift, scale).to(emb.dtype))
 
 
 class MiniTrainDIT(nn.Module):
@@ -402,7 +400,7 @@ class MiniTrainDIT(nn.Module):
             x = x.float()  # the residual stream overflows fp16; attention and MLP still run in fp16
         for block in self.blocks:
             x = block(x, emb, context, rope, adaln_lora)
-        x = self.final_layer(x.to(dtype), emb, adaln_lora)  # [B, L, ps*ps*pt*C]
+        x = self.final_layer(x, emb, adaln_lora)  # [B, L, ps*ps*pt*C]
         return self._unpatchify(x, tp, hp, wp)[:, :, :t, :h, :w].to(out_dtype)
 
     def _pad_to_patches(self, x: Tensor) -> Tensor:
@@ -427,6 +425,10 @@ class MiniTrainDIT(nn.Module):
 
 
 class AdapterBlock(nn.Module):
+    # mmgp's `compile` compiles every block tower; the adapter runs once per prompt, so compiling it would
+    # only cost a recompilation for every new prompt length
+    _compile_me = False
+
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
         d, heads, head_dim = cfg.model_dim, cfg.num_heads, cfg.head_dim

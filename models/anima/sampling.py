@@ -62,7 +62,7 @@ def time_snr_shift(shift: float, t: Tensor | float) -> Tensor | float:
 
 def sigma_table(shift: float = DEFAULT_SHIFT) -> Tensor:
     """The 1000 training sigmas, ascending: sigma_i = time_snr_shift(shift, (i + 1) / 1000), float32."""
-    t = torch.arange(1, NUM_TRAIN_TIMESTEPS + 1) / NUM_TRAIN_TIMESTEPS  # [1000] float32
+    t = torch.arange(1, NUM_TRAIN_TIMESTEPS + 1, device="cpu") / NUM_TRAIN_TIMESTEPS  # [1000] float32
     return time_snr_shift(shift, t)
 
 
@@ -76,7 +76,7 @@ def simple_schedule(steps: int, shift: float = DEFAULT_SHIFT) -> Tensor:
     table = sigma_table(shift)
     stride = len(table) / steps
     sigmas = [float(table[-(1 + int(i * stride))]) for i in range(steps)]
-    return torch.tensor(sigmas + [0.0], dtype=torch.float32)
+    return torch.tensor(sigmas + [0.0], dtype=torch.float32, device="cpu")
 
 
 def percent_to_sigma(percent: float, shift: float = DEFAULT_SHIFT) -> float:
@@ -110,18 +110,27 @@ def seeded_randn(seeds: Sequence[int], shape: Sequence[int]) -> Tensor:
 
     Row i therefore equals `torch.randn(shape, generator=torch.manual_seed(seeds[i]))`, whatever the batch.
     """
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+    rows = [torch.randn(tuple(shape), generator=_cpu_generator(seed), device="cpu") for seed in seeds]
     return torch.stack(rows)
 
 
+def _cpu_generator(seed: int) -> torch.Generator:
+    # explicit CPU: mmgp leaves torch's default device on CUDA, where a CPU generator would be refused
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
 def seeded_noise_source(seeds: Sequence[int], like: Tensor) -> NoiseSource:
-    """Per-step noise for stochastic samplers: one CPU generator per image, moved to `like`'s device."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    """Per-step noise for stochastic samplers: one CPU generator per image, moved to `like`'s device.
+    On CUDA the rows are stacked into pinned memory and copied without blocking, so drawing never waits
+    for the GPU (the caching host allocator keeps each buffer alive until its copy is done)."""
+    generators = [_cpu_generator(seed) for seed in seeds]
     shape = tuple(like.shape[1:])
+    pinned = like.device.type == "cuda"
 
     def draw() -> Tensor:
-        rows = [torch.randn(shape, generator=g) for g in generators]
-        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+        rows = [torch.randn(shape, generator=g, device="cpu") for g in generators]
+        out = torch.empty((len(rows), *shape), device="cpu", pin_memory=pinned)
+        return torch.stack(rows, out=out).to(device=like.device, dtype=like.dtype, non_blocking=pinned)
 
     return draw
 
@@ -172,6 +181,12 @@ def _import_torchsde():
 # ---------------------------------------------------------------------------------------------- samplers
 
 
+def _ends_at_zero(sigmas: Tensor) -> list[bool]:
+    """Per step, whether it ends at sigma 0: read to the host once, since comparing a CUDA tensor inside
+    the loop would wait for the GPU at every step."""
+    return (sigmas[1:] == 0).tolist()
+
+
 def _report(callback: StepCallback | None, i: int, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback(i, x, denoised)
@@ -203,10 +218,11 @@ def sample_euler_ancestral(
     Steps deterministically down to sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta), then
     rescales and adds fresh noise so that the marginal at sigma_next is matched again.
     """
+    to_zero = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
-        if sigma_next == 0:
+        if to_zero[i]:
             x = denoised
         else:
             sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
@@ -238,10 +254,11 @@ def sample_er_sde(
     lambdas = half_log_snr(sigmas).neg().exp()  # sigma / alpha; 0 at sigma = 0
     points = torch.arange(0, float(ER_SDE_INTEGRATION_POINTS), dtype=torch.float32, device=x.device)
     old_denoised = old_denoised_d = None
+    to_zero = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
         stage = min(max_stage, i + 1)
-        if sigmas[i + 1] == 0:
+        if to_zero[i]:
             x = denoised
         else:
             lam_s, lam_t = lambdas[i], lambdas[i + 1]
@@ -277,10 +294,11 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE with ComfyUI's defaults (midpoint correction, eta 1, s_noise 1), in the flow
     model's log-SNR. `sigmas` must start below 1; ComfyUI's noise is `brownian_noise_sampler`'s."""
     old_denoised, h, h_last = None, None, None
+    to_zero = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
-        if sigma_next == 0:
+        if to_zero[i]:
             x = denoised
         else:
             lambda_s, lambda_t = half_log_snr(sigma), half_log_snr(sigma_next)

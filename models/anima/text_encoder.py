@@ -140,7 +140,8 @@ class TextEncoderConfig:
             head_dim=self.head_dim,
             max_position_embeddings=MAX_POSITION_EMBEDDINGS,
             rms_norm_eps=RMS_NORM_EPS,
-            rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+            rope_theta=ROPE_THETA,  # transformers 4.x reads this
+            rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},  # and 5.x this
             attention_bias=False,
             tie_word_embeddings=False,
             use_cache=False,
@@ -173,7 +174,8 @@ def load_text_encoder(source: str | os.PathLike | Mapping[str, Tensor], dtype: t
     with torch.device("meta"):
         model = Qwen3Model(config)
     # inv_freq is a computed, non-persistent buffer: build it for real, since loading cannot fill it.
-    model.rotary_emb = Qwen3RotaryEmbedding(config).to(device)
+    with torch.device(device):
+        model.rotary_emb = Qwen3RotaryEmbedding(config)
     return load_module_strict(model, sd, dtype=dtype, device=device, what=WHAT)
 
 

@@ -47,8 +47,10 @@ LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 SCALE = 8  # pixels per latent along each axis
 NORM_EPS = 1e-12  # F.normalize's default, as in Wan's RMS_norm
 MIN_TILE_LATENTS = 8
-# Activations and conv kernels are channels-last: oneDNN and cuDNN convolve it without layout reorders,
-# and the per-pixel channel norm reads contiguous memory (on CPU ~15% faster end to end than NCHW).
+# Activations are channels-last: oneDNN and cuDNN convolve it without layout reorders, and the per-pixel
+# channel norm reads contiguous memory (on CPU ~15% faster end to end than NCHW). The weights stay plain
+# contiguous tensors (stride(-1) == 1), which mmgp needs to pin them (`view(torch.uint8)`); channels-last
+# kernels gained nothing measurable on top of channels-last activations.
 MEMORY_FORMAT = torch.channels_last
 BAND_ELEMENTS = 1 << 23  # per band of rows in `banded_conv` (32 MB in fp32)
 # Peak activation bytes of one decode or encode, per pixel, per base channel, per byte of dtype. Measured
@@ -480,16 +482,16 @@ def _file_layout(model: WanImageVAE) -> dict[str, tuple[int, ...]]:
 
 
 def _image_weights(sd: Mapping[str, Tensor], model: WanImageVAE, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The file's tensors as the image model's parameters (each module's `from_file`), conv kernels
-    channels-last in `dtype`. Only the converted values are copied (a 5-D kernel's last tap, not the
-    whole kernel); time_conv tensors are left out."""
+    """The file's tensors as the image model's parameters (each module's `from_file`), contiguous, conv
+    kernels in `dtype`. Only the converted values are copied (a 5-D kernel's last tap, not the whole
+    kernel); time_conv tensors are left out."""
     weights = {}
     for name, module in model.named_modules():
         from_file = getattr(module, "from_file", lambda _, tensor: tensor)
         for param_name, _ in module.named_parameters(recurse=False):
             key = f"{name}.{param_name}" if name else param_name
             tensor = from_file(param_name, sd[key])
-            weights[key] = tensor.to(dtype, memory_format=MEMORY_FORMAT) if tensor.ndim == 4 else tensor
+            weights[key] = (tensor.to(dtype) if tensor.ndim == 4 else tensor).contiguous()
     return weights
 
 

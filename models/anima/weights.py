@@ -87,7 +87,7 @@ def _open_safetensors(path: Path, what: str) -> tuple[dict[str, Tensor], dict[st
         dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
         count = end - begin
         if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            tensors[name] = torch.empty(shape, dtype=dtype, device="cpu")
             continue
         flat = torch.frombuffer(mapping, dtype=dtype, count=count // dtype.itemsize, offset=data_start + begin)
         tensors[name] = flat.view(shape)
