@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_cosmos_transformer_checkpoint_to_diffusers
-from diffusers.models.condition_embedders.condition_embedder_anima import AnimaTextConditioner
 from safetensors.torch import save_file
 
 from models.anima.anima_model import load_anima_model
@@ -15,7 +14,7 @@ from models.anima.lora import LoraPatcher, to_mmgp_lora_state_dict
 from models.anima.lora_blocks import (ANIMA_2B9_BASE_BLOCK_INDICES, ANIMA_2B9_INSERTED_BLOCKS,
                                       fit_lora_to_dit_depth)
 from models.anima.weights import WeightsError
-from tests.reference import cosmos_transformer_class
+from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
 from tests.tiny_dit import make_dit_state_dict
 
 SIZES = dict(model_channels=32, num_heads=2, text_dim=16, adapter_layers=2, adapter_heads=2, adaln_lora_dim=8)
@@ -122,7 +121,7 @@ def write_diffusers_folder(folder, original, max_shard_size=None):
         text_embed_dim=16, adaln_lora_dim=8, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
         concat_padding_mask=True, extra_pos_embed_type=None)
     transformer.load_state_dict(convert_cosmos_transformer_checkpoint_to_diffusers(dit), strict=True)
-    conditioner = AnimaTextConditioner(source_dim=16, target_dim=16, model_dim=16, num_layers=2, num_attention_heads=2)
+    conditioner = anima_text_conditioner_class()(source_dim=16, target_dim=16, model_dim=16, num_layers=2, num_attention_heads=2)
     conditioner.load_state_dict({k.removeprefix("llm_adapter."): v.float() for k, v in original.items()
                                  if k.startswith("llm_adapter.")}, strict=True)
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

@@ -4,6 +4,7 @@ type where its rows fit the blocks, else Q8_0 or F16) and as llama.cpp names a Q
 block decoders equal `gguf.quants.dequantize`; models compute what the same models built from
 `gguf.quants.dequantize`d weights compute; broken files give one clear WeightsError."""
 
+import inspect
 import numpy as np
 import pytest
 import torch
@@ -116,7 +117,10 @@ def test_gguf_text_encoder_with_llama_cpp_names(tmp_path):
     hf = {k.removeprefix("model."): v for k, v in make_text_encoder_state_dict(seed=4).items()}
     config = TextEncoderConfig.from_state_dict(hf).to_qwen3_config()
     with torch.device("meta"):
-        names = get_gguf_hf_weights_map(Qwen3ForCausalLM(config), TensorProcessor(), model_type="qwen3")
+        model = Qwen3ForCausalLM(config)
+        # transformers 5 takes a TensorProcessor as its second argument; 4.5x (upstream Wan2GP's pin) does not
+        takes_processor = "processor" in inspect.signature(get_gguf_hf_weights_map).parameters
+        names = get_gguf_hf_weights_map(model, *([TensorProcessor()] if takes_processor else []), model_type="qwen3")
     to_llama_cpp = {hf_name.removeprefix("model."): name for name, hf_name in names.items()}
     reference = write_gguf(tmp_path / "qwen3.gguf", {to_llama_cpp[k]: v for k, v in hf.items()}, "Q8_0", "qwen3")
     quantized = load_text_encoder(tmp_path / "qwen3.gguf")
