@@ -316,11 +316,6 @@ def sample_dpmpp_2m_sde(
     return x
 
 
-def _next_is_zero(sigmas: Tensor) -> list[bool]:
-    """Whether each step ends at sigma 0, read from the device once (not one sync per step)."""
-    return [s == 0 for s in sigmas[1:].tolist()]
-
-
 def _neg_log(sigma: Tensor) -> Tensor:
     return sigma.log().neg()
 
@@ -333,7 +328,7 @@ def sample_heun(
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without
     churn): an Euler step, then the average of its slope and the slope at its end; two model calls per
     step, one for the last step (which is Euler)."""
-    zero_next = _next_is_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
@@ -356,7 +351,7 @@ def sample_dpmpp_2m(
 ) -> Tensor:
     """DPM-Solver++(2M) in t = -log(sigma), as ComfyUI runs it for every model type: the first and last
     steps are first order, the others extrapolate the denoised estimate from the previous one."""
-    zero_next = _next_is_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
@@ -381,7 +376,7 @@ def sample_dpmpp_3m_sde(
     """DPM-Solver++(3M) SDE in the flow model's log-SNR (ComfyUI's defaults, eta 1): third-order multistep
     with the exponential integrator's phi_2 and phi_3, lower order for the first two steps. `sigmas` must
     start below 1; ComfyUI's noise is `brownian_noise_sampler`'s."""
-    zero_next = _next_is_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     denoised_1 = denoised_2 = None
     h = h_1 = h_2 = None
     for i in range(len(sigmas) - 1):
@@ -428,7 +423,7 @@ def sample_res_multistep(
     """RES second-order multistep (arXiv 2308.02157) in t = -log(sigma), ComfyUI's `res_multistep` (eta 0,
     deterministic): Euler for the first and last steps, otherwise the exponential integrator with
     coefficients b1 = phi_1 - phi_2 / c2 and b2 = phi_2 / c2 on this and the previous denoised estimate."""
-    zero_next = _next_is_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     old_denoised = old_sigma = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -456,7 +451,7 @@ def sample_lcm(
 ) -> Tensor:
     """Latent-consistency sampling: jump to the denoised estimate, then noise it afresh to the next sigma,
     x = sigma_next * n + (1 - sigma_next) * x0."""
-    zero_next = _next_is_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma_next = sigmas[i + 1]
         denoised = denoise(x, sigmas[i])
