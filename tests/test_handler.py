@@ -52,7 +52,7 @@ def test_default_settings_on_an_empty_dict():
     handler.update_default_settings("anima", {}, settings)
     assert settings == {
         "image_mode": 1, "resolution": "1024x1024", "batch_size": 1, "num_inference_steps": 30,
-        "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde",
+        "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde", "scheduler": "simple",
         "negative_prompt": "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia",
     }
 
@@ -106,7 +106,7 @@ def test_model_files_and_definition():
     assert urls == [f"{HUB}/text_encoders/qwen_3_06b_base.safetensors", f"{HUB}/vae/qwen_image_vae.safetensors"]
     data = json.loads(DEFINITION.read_text())
     model = data.pop("model")
-    assert model["name"] == "Anima 2B Preview" and model["architecture"] == "anima" and model["description"]
+    assert model["name"] == "Anima Preview" and model["architecture"] == "anima" and model["description"]
     assert model["URLs"] == [f"{HUB}/diffusion_models/anima-preview.safetensors"]
     # Wan2GP format: settings beside "model", each one a key the handler's defaults also set
     defaults = {}
