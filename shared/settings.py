@@ -165,9 +165,14 @@ class ModelRegistry:
                                                entry.settings, entry.path)
 
     def _check_finetune(self, model_type: str, path: Path) -> None:
-        """A finetune whose default settings do not validate is dropped with the reason, at startup."""
+        """A finetune whose settings do not validate is dropped with the reason, at startup (its own values
+        first: the handler's `fix_settings` would quietly replace e.g. an unknown sampler)."""
+        entry = self._entries[model_type]
         try:
-            validate_settings(self._entries[model_type], self.factory_settings(model_type), self.schema)
+            for key, value in entry.settings.items():
+                if key in self.schema:
+                    self.schema[key].clean(value, self.schema[key].rule(entry.definition))
+            validate_settings(entry, self.factory_settings(model_type), self.schema)
         except SettingsError as e:
             del self._entries[model_type]
             self.skipped[model_type] = f"its settings are invalid: {e}"
