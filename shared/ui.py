@@ -249,6 +249,7 @@ class WebApp:
         self.registry, self.runtime, self.store = registry, runtime, store
         self.queue = JobQueue(runtime, preview=self._preview, log=runtime.log)
         self.controls: SettingControls | None = None
+        self.first_model: str | None = registry.dit_model_type
 
     def _preview(self, model_type: str, latent: Any):
         """A step's latents as an image, with the family's latent->RGB factors (None if it has none)."""
@@ -260,8 +261,9 @@ class WebApp:
     # ----------------------------------------------------------------------------- settings <-> UI
 
     def initial_model(self) -> str:
-        if self.registry.dit_model_type:  # --dit: the model it replaced the weights of
-            return self.registry.dit_model_type
+        """--model (or the model --dit gave another DiT), else the last one used, else the first."""
+        if self.first_model:
+            return self.first_model
         last = self.store.last_model_type()
         return last if last in self.registry.model_types else self.registry.default_model_type
 
@@ -521,6 +523,8 @@ def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) 
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     app = WebApp(registry, runtime, SettingsStore(args.settings))
+    if args.model:
+        app.first_model = registry.entry(args.model).model_type  # a clear error for an unknown one
     demo = build_ui(app)
     theme = gr.themes.Soft(primary_hue="pink", secondary_hue="violet", neutral_hue="slate")
     try:
