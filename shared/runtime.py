@@ -118,6 +118,7 @@ class _Loaded:
     model: Any
     pipe: Any
     offload: Any  # mmgp's offload object on a GPU, else None
+    weights: Path  # the DiT file it was loaded from (the metadata's "Model")
 
 
 class Runtime:
@@ -223,7 +224,7 @@ class Runtime:
         # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
         offload = offload_pipe(pipe, self._profile(pipe), dtype or torch.bfloat16, offload=self.options.offload,
                                compile=self.options.compile)
-        self._loaded = _Loaded(model_type, model, pipe, offload)
+        self._loaded = _Loaded(model_type, model, pipe, offload, paths[0])
         return model
 
     def _profile(self, pipe: Any) -> float:
@@ -315,8 +316,7 @@ class Runtime:
     def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],
                   on_saved: Callable[[SavedImage], None] | None) -> list[SavedImage]:
         """Save each image as it comes; `prompt` (without LoRA tags) names the files."""
-        entry = self.registry.entry(task.model_type)
-        weights_name = Path(str((entry.definition.get("URLs") or [entry.model_type])[0])).stem
+        weights_name = Path(self._loaded.weights).stem
         lora_info = [(lora.name if lora.from_tag else lora.path.stem, lora.strength, lora_short_hash(lora.path))
                      for lora in loras]
         when = datetime.now()

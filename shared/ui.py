@@ -318,8 +318,9 @@ class WebApp:
             task, _ = resolve_task(self.registry, dict(task_settings, model_type=model_type), where="")
             self.runtime.check(task)
         except LicenseNotAccepted as e:
-            raise gr.Error(f"This model's weights are under the {e.license.name}: read the notice under the model "
-                           "picker and press “I accept the licence” to download them.", print_exception=False) from None
+            message = (f"This model's weights are under the {e.license.name}: read the notice under the model "
+                       "picker and press “I accept the licence” to download them.")
+            raise gr.Error(message, print_exception=False) from None
         except (SettingsError, ValueError, OSError) as e:
             raise gr.Error(str(e), print_exception=False) from None
         self.store.save(model_type, task.settings())

@@ -200,8 +200,9 @@ def test_the_message_of_a_wrong_download_says_what_differs(monkeypatch, tmp_path
     _fake_hub(monkeypatch, {"d.safetensors": b"evil"})
     hub_file = files.parse_hf_url(f"{HUB}/diffusion_models/d.safetensors")
     expected = hashlib.sha256(b"good").hexdigest()
-    with pytest.raises(files.DownloadError, match=rf"its SHA-256 is {hashlib.sha256(b'evil').hexdigest()[:12]}\.\.\. "
-                                                  rf"instead of {expected[:12]}\.\.\.\), so it was deleted and not loaded"):
+    evil = hashlib.sha256(b"evil").hexdigest()
+    with pytest.raises(files.DownloadError, match=rf"its SHA-256 is {evil[:12]}\.\.\. instead of {expected[:12]}\.\.\.\), "
+                                                  "so it was deleted and not loaded"):
         files.download_hub_file(hub_file, tmp_path, files.FileCheck(sha256=expected))
     assert list(tmp_path.iterdir()) == []
 
@@ -416,7 +417,8 @@ def test_save_quantized_writes_a_file_that_loads_with_dit(capsys, ckpts, tmp_pat
     assert code == 0 and "is already quantized: it is used as it is" in err
 
 
-@pytest.mark.parametrize("target, message", [("exists", "the file exists already"), ("x.bin", "must end in .safetensors"),
+@pytest.mark.parametrize("target, message", [("exists", "the file exists already"),
+                                             ("x.bin", "must end in .safetensors"),
                                              ("nowhere/x.safetensors", "does not exist")])
 def test_save_quantized_refuses_a_bad_target_before_loading(capsys, ckpts, tmp_path, target, message):
     path = tmp_path / ("x.safetensors" if target == "exists" else target)
