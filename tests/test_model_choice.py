@@ -427,3 +427,15 @@ def test_save_quantized_refuses_a_bad_target_before_loading(capsys, ckpts, tmp_p
     code, lines, err = run(capsys, "--ckpts-dir", ckpts, "--save-quantized", path)
     assert code == 1 and message in err and "Loading" not in err
     assert target != "exists" or path.read_bytes() == b"keep"
+
+
+def test_a_diffusers_folder_is_taken_as_the_dit(tmp_path, ckpts):
+    from models.anima.anima_handler import family_handler
+
+    folder = tmp_path / "Anima-Base-v1.0-Diffusers"
+    (folder / "transformer").mkdir(parents=True)
+    registry = ModelRegistry([family_handler], [ROOT / "defaults"])
+    registry.use_dit("anima", folder)
+    entry = registry.entry("anima")
+    assert files.fetch_model_files(entry.handler, "anima", entry.definition, ckpts) == [
+        folder, ckpts / TEXT_ENCODER_FILE, ckpts / VAE_FILE]  # the loader reads the folder (test_checkpoint_formats)
