@@ -17,6 +17,7 @@ from tqdm import tqdm
 from shared.cli_args import generation_overrides
 from shared.files import check_ckpts_dir
 from shared.images import IMAGE_FORMATS, check_output_dir, read_image_settings
+from shared.licenses import LicenseNotAccepted
 from shared.prompts_file import read_prompts_file
 from shared.runtime import USER_ERRORS, Runtime, SavedImage, StepInfo
 from shared.settings import ModelRegistry, SettingsError, Task, load_tasks_file, resolve_task
@@ -57,7 +58,7 @@ def check_tasks(args: argparse.Namespace, registry: ModelRegistry, runtime: Runt
     err = err or sys.stderr
     if not registry.model_types:
         raise ValueError("No model is available: defaults/ holds no definition a family handler supports.")
-    model_type = args.model or registry.model_types[0]
+    model_type = args.model or registry.default_model_type
     registry.entry(model_type)  # a clear error for an unknown --model before reading any file
     checked = []
     for number, (where, raw) in enumerate(_raw_tasks(args, registry, model_type, err), 1):
@@ -108,10 +109,14 @@ def run_batch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtim
             if missing:
                 names = ", ".join(Path(m).name for m in missing)
                 print(f"note: {model_type} will first download {names} into {runtime.options.ckpts_dir}", file=out)
+            license = runtime.license_to_accept(model_type)
+            if license is not None:
+                print(f"note: its licence ({license.name}) will be shown and must be accepted first "
+                      "(or pass --accept-license)", file=out)
         return _summary(failed, total, err, ran=False)
     with contextlib.redirect_stdout(err):  # stdout carries only the saved paths (scripts read them)
         for model_type in dict.fromkeys(item.task.model_type for item in good):
-            runtime.model_files(model_type)  # every missing weight file at once, before the first step
+            fetch_with_license(runtime, model_type, err)  # every missing weight file at once, before the first step
     for item in good:
         try:
             _run_one(item, total, runtime, out, err)
@@ -119,6 +124,36 @@ def run_batch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtim
             print(f"error: {_name(item, total)}: {e}" if total > 1 else f"error: {e}", file=err)
             failed.append(item)
     return _summary(failed, total, err)
+
+
+def fetch_with_license(runtime: Runtime, model_type: str, err: TextIO) -> None:
+    """`runtime.model_files`, showing the model's licence first when its weights are to be downloaded and it
+    was not accepted yet: on a terminal the user is asked, elsewhere the run stops (LicenseNotAccepted) until
+    it is accepted with --accept-license."""
+    try:
+        runtime.model_files(model_type)
+        return
+    except LicenseNotAccepted as e:
+        print(e.license.text(), file=err)
+        if not sys.stdin.isatty():
+            raise
+        answer = input("Do you accept this licence? Type yes to download the weights: ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise
+        runtime.accept_license(e.license)
+    runtime.model_files(model_type)
+
+
+def save_quantized(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime, *,
+                   err: TextIO | None = None) -> int:
+    """--save-quantized without a prompt: load the model's DiT quantized, write it, exit."""
+    err = err or sys.stderr
+    model_type = args.model or registry.default_model_type
+    registry.entry(model_type)
+    with contextlib.redirect_stdout(err):
+        fetch_with_license(runtime, model_type, err)
+        runtime.load(model_type)
+    return 0
 
 
 def _summary(failed: list[_Checked], total: int, err: TextIO, ran: bool = True) -> int:

@@ -1,8 +1,8 @@
 """The `wgp.py` command line (Wan2GP's flags where they exist, sd-scripts' for prompt files).
 
 The generation flags come from the settings schema (shared/settings_schema.py); the run, folder,
-performance and server flags are declared here. Building the parser imports neither torch nor gradio, so
-`--help` is quick.
+performance and server flags are declared here. Building the parser imports neither torch nor gradio; only
+`--help` loads the model families (not gradio), to list their models, samplers and schedulers.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ ATTENTION_HELP = "auto (the best one installed), sdpa, flash, sage or sage2"  # 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 PROFILES = (1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0)
 DEFAULT_PORT = 7860
+QUANTIZE_CHOICES = ("int8", "int8_convrot", "fp8")  # the family's `quant.QUANTIZE_CHOICES` (a test checks)
 
 
 class UsageError(ValueError):
@@ -62,8 +64,11 @@ def prompt_file_options(schema: Schema = SETTINGS) -> str:
     return " ".join(f"--{o}" for s in schema for o in s.prompt_options)
 
 
-def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentParser:
-    """`app_dir` holds the default folders (ckpts/, outputs/, loras/, settings/), wherever the app starts."""
+def build_parser(app_dir: Path, schema: Schema = SETTINGS, offered: Mapping[str, Sequence[str]] | None = None
+                 ) -> argparse.ArgumentParser:
+    """`app_dir` holds the default folders (ckpts/, outputs/, loras/, settings/), wherever the app starts.
+    `offered` lists what the models offer, for the help: "model_type" and setting keys -> values."""
+    offered = offered or {}
     p = _Parser(
         prog="wgp.py",
         description="Anima text-to-image: a web UI (default) or command-line batch generation.",
@@ -71,7 +76,7 @@ def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentP
     )
     runs = p.add_argument_group("what to run (default: the web UI)")
     mode = runs.add_mutually_exclusive_group()
-    add_cli_flags(mode, [s for s in schema if s.key == "prompt"])
+    add_cli_flags(mode, [s for s in schema if s.key == "prompt"], offered)
     mode.add_argument("--prompts-file", metavar="FILE",
                       help=f"one prompt a line, '#' comments, inline {prompt_file_options(schema)} overrides")
     mode.add_argument("--process", metavar="FILE",
@@ -83,10 +88,28 @@ def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentP
         "generation settings",
         "Defaults come from the model definition (defaults/<model>.json). For --process and --prompts-file "
         "these flags fill in what a task or line does not set.")
-    gen.add_argument("--model", metavar="MODEL_TYPE", help="model type, e.g. anima_preview (default: the first)")
-    add_cli_flags(gen, [s for s in schema if s.key != "prompt"])
+    model_types = offered.get("model_type")
+    gen.add_argument("--model", metavar="MODEL_TYPE", help="model type (default: the first): " + (
+        ", ".join(model_types) if model_types else "see --help"))
+    add_cli_flags(gen, [s for s in schema if s.key != "prompt"], offered)
     gen.add_argument("--image-format", choices=tuple(IMAGE_FORMATS), default="png",
                      help="output format; every format carries the settings (default: png)")
+
+    weights = p.add_argument_group("weights")
+    weights.add_argument("--dit", metavar="PATH",
+                         help="generate with this Anima DiT (a .safetensors or .gguf file, or a diffusers-format "
+                              "folder) instead of the model's own; the model's other defaults apply (--model, "
+                              "default: the base model). finetunes/*.json keeps one for good")
+    weights.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="{" + ",".join(QUANTIZE_CHOICES) + "}",
+                         help="use such weights: a quantized file the model lists (downloaded instead of bf16), "
+                              "else the bf16 DiT quantized while it loads (less memory, nearly the same images)")
+    weights.add_argument("--save-quantized", metavar="FILE",
+                         help="write the DiT, quantized (--quantize, default int8), to FILE (.safetensors, "
+                              "ComfyUI's layout: loads in ComfyUI, Forge, and here with --dit); without a prompt, "
+                              "only that")
+    weights.add_argument("--accept-license", action="store_true",
+                         help="accept the models' licence (shown before their weights are first downloaded; "
+                              "remembered in the settings folder)")
 
     files = p.add_argument_group("folders (relative paths are taken from the current folder)")
     files.add_argument("--ckpts-dir", default=str(app_dir / "ckpts"), metavar="DIR",
@@ -122,11 +145,29 @@ def build_parser(app_dir: Path, schema: Schema = SETTINGS) -> argparse.ArgumentP
     return p
 
 
-def parse_args(argv: Sequence[str] | None, app_dir: Path) -> argparse.Namespace:
-    args = build_parser(app_dir).parse_args(argv)
+def parse_args(argv: Sequence[str] | None, app_dir: Path,
+               offered: Callable[[], Mapping[str, Sequence[str]]] | None = None) -> argparse.Namespace:
+    """The parsed command line; `offered()` (what the models offer, see `build_parser`) is called for --help
+    only."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") or "--help".startswith(a) and len(a) > 2 for a in argv)
+    args = build_parser(app_dir, offered=offered() if offered and wants_help else None).parse_args(argv)
     if args.dry_run and not (args.process or args.prompt is not None or args.prompts_file):
         raise UsageError("--dry-run needs --process, --prompt or --prompts-file (see --help)")
+    if args.save_quantized:
+        _check_new_file(args.save_quantized, "--save-quantized")
     return args
+
+
+def _check_new_file(path: str, flag: str) -> None:
+    """A file the app will write: a .safetensors name, in an existing folder, not there yet (never overwritten)."""
+    target = Path(path).expanduser()
+    if target.suffix.lower() != ".safetensors":
+        raise UsageError(f"{flag} {path}: the file name must end in .safetensors")
+    if target.exists():
+        raise UsageError(f"{flag} {path}: the file exists already (nothing is overwritten): choose another name")
+    if not target.absolute().parent.is_dir():
+        raise UsageError(f"{flag} {path}: the folder {target.absolute().parent} does not exist")
 
 
 def server_port(args: argparse.Namespace) -> int:

@@ -101,15 +101,14 @@ def _number(value: float) -> str:
 
 
 def a1111_parameters(
-    settings: Mapping[str, Any], *, model_name: str, schedule_type: str = "Simple",
-    loras: list[tuple[str, float, str | None]] = (), version: str | None = None, schema: Schema = SETTINGS,
+    settings: Mapping[str, Any], *, model_name: str, loras: list[tuple[str, float, str | None]] = (),
+    version: str | None = None, schema: Schema = SETTINGS,
 ) -> str:
     """The A1111 `parameters` text for one image. `loras` are (name, strength, short hash or None).
 
     As in A1111, LoRAs show up as `<lora:name:strength>` tags on the prompt line and by hash in
     `Lora hashes`; tags already written in the prompt are not repeated. The fields are the schema's
-    settings that have an A1111 label, in A1111's order (`schedule_type` fills "Schedule type" until a
-    setting of that label exists).
+    settings that have an A1111 label, in A1111's order (an "off" setting only when it is on).
     """
     prompt = str(settings.get("prompt", ""))
     tags = [f"<lora:{name}:{_number(float(s))}>" for name, s, _ in loras if f"<lora:{name}:" not in prompt
@@ -120,10 +119,8 @@ def a1111_parameters(
     fields: dict[str, str] = {}
     for setting in schema:
         value = settings.get(setting.key)
-        if setting.a1111 and setting.a1111 != _NEGATIVE and value not in (None, "", (), []):
+        if setting.a1111 != _NEGATIVE and setting.in_a1111(value):
             fields[setting.a1111] = setting.a1111_value(value)
-    if schedule_type and "Schedule type" not in {s.a1111 for s in schema}:
-        fields["Schedule type"] = schedule_type
     rank = {label: i for i, label in enumerate(_A1111_ORDER)}
     fields = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], len(rank))))
     fields["Model"] = model_name

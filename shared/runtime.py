@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shared.files import DownloadError, fetch_model_files, missing_model_files
+from shared.files import DownloadError, fetch_model_files, is_prequantized, missing_model_files
 from shared.images import a1111_parameters, check_output_dir, image_stem, save_image, tensor_to_pil
+from shared.licenses import License, LicenseNotAccepted, LicenseStore, license_of
 from shared.loras import TaskLora, lora_short_hash, task_loras
 from shared.offload import PROFILE_NAMES, auto_profile, offload_pipe
 from shared.settings import ModelRegistry, Task
@@ -36,7 +37,7 @@ class GenerationError(RuntimeError):
 
 
 # Mistakes a user can fix (bad settings, missing or broken files): reported in one line, no traceback.
-USER_ERRORS = (ValueError, OSError, DownloadError, GenerationError)
+USER_ERRORS = (ValueError, OSError, DownloadError, GenerationError, LicenseNotAccepted)
 NON_FINITE_HINT = ("likely causes: a LoRA strength far too high, fp16 overflowing on this GPU (try --dtype bf16 "
                    "or fp32), or a damaged checkpoint")
 
@@ -62,6 +63,10 @@ class RuntimeOptions:
     local_lora_paths: frozenset[str] = frozenset()  # LoRA paths the local command line gave (may be anywhere)
     offload: bool = True  # False: with CUDA, every model is placed on the GPU (no mmgp)
     compile: bool = False  # torch.compile the transformer's blocks (CUDA only)
+    quantize: str | None = None  # "int8", "int8_convrot", "fp8": such weights (a listed file, or quantized at load)
+    save_quantized: Path | None = None  # write the loaded (quantized) DiT there, in ComfyUI's layout
+    settings_dir: Path | None = None  # where accepted licences are remembered (None: this run only)
+    accept_license: bool = False  # --accept-license: accept a model's licence when its weights are downloaded
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ class _Loaded:
     model: Any
     pipe: Any
     offload: Any  # mmgp's offload object on a GPU, else None
+    weights: Path  # the DiT file it was loaded from (the metadata's "Model")
 
 
 class Runtime:
@@ -120,6 +126,8 @@ class Runtime:
 
     def __init__(self, registry: ModelRegistry, options: RuntimeOptions, *, log: Callable[[str], None] = print):
         self.registry, self.options, self.log = registry, options, log
+        self.licenses = LicenseStore(options.settings_dir)
+        self._save_to = options.save_quantized  # written at the first load only
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()
         self._abort_requested = False
@@ -135,21 +143,50 @@ class Runtime:
         return self.options.lora_root / entry.base_model_type
 
     def model_files(self, model_type: str) -> list[Path]:
-        """Local paths of the model's weights (transformer first), downloading what is missing; one
-        DownloadError names everything that could not be had."""
+        """Local paths of the model's weights (transformer first), downloading what is missing once its
+        licence is accepted (LicenseNotAccepted otherwise); one DownloadError names everything that could not
+        be had."""
         entry = self.registry.entry(model_type)
-        return fetch_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir)
+        return fetch_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir,
+                                 self.options.quantize, before_download=lambda _: self._require_license(model_type))
 
     def missing_files(self, model_type: str) -> list[str]:
         """The weight files (URLs) of `model_type` that are not in the checkpoints folder yet."""
         entry = self.registry.entry(model_type)
-        return missing_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir)
+        return missing_model_files(entry.handler, entry.base_model_type, entry.definition, self.options.ckpts_dir,
+                                   self.options.quantize)
+
+    # ------------------------------------------------------------------------------------- licences
+
+    def license_to_accept(self, model_type: str) -> License | None:
+        """The licence the user must still accept before `model_type`'s missing weights are downloaded (None
+        when nothing is missing, it has none, it was accepted, or --accept-license was given)."""
+        license = license_of(self.registry.entry(model_type).definition)
+        if license is None or self.options.accept_license or self.licenses.accepted(license):
+            return None
+        return license if self.missing_files(model_type) else None
+
+    def accept_license(self, license: License) -> None:
+        self.licenses.accept(license)
+
+    def _require_license(self, model_type: str) -> None:
+        license = license_of(self.registry.entry(model_type).definition)
+        if license is None or self.licenses.accepted(license):
+            return
+        if not self.options.accept_license:
+            raise LicenseNotAccepted(license)
+        self.log(f"{license.text()}\nAccepted with --accept-license (remembered; not asked again).")
+        self.accept_license(license)
 
     def check(self, task: Task) -> None:
-        """Everything about `task` that can fail before generating: its LoRA files, the output folder.
-        Raises a USER_ERRORS exception that says what to fix."""
+        """Everything about `task` that can fail before generating: its LoRA files, the output folder, a
+        licence to accept before its weights are downloaded. Raises a USER_ERRORS exception that says what
+        to fix."""
         self.loras(task)
         check_output_dir(self.options.output_dir)
+        license = self.license_to_accept(task.model_type)
+        if license is not None:
+            raise LicenseNotAccepted(license)
 
     def loras(self, task: Task) -> tuple[str, list[TaskLora]]:
         """(prompt without LoRA tags, the task's LoRA files)."""
@@ -165,16 +202,29 @@ class Runtime:
         entry = self.registry.entry(model_type)
         paths = self.model_files(model_type)
         dtype = requested_dtype(self.options.dtype, entry.definition)
-        self.log(f"Loading {entry.name}...")
+        quantize, save = self.options.quantize, self._save_to
+        if is_prequantized(paths[0]):
+            if save:
+                raise ValueError(f"{paths[0].name} is already quantized: --save-quantized writes a quantized copy of "
+                                 "a full-precision DiT (bf16), e.g. the model's official file or --dit FILE.")
+            if quantize:
+                self.log(f"{paths[0].name} is already quantized: it is used as it is (no --quantize {quantize}).")
+                quantize = None
+        self.log(f"Loading {entry.name}" + (f" (quantizing its DiT to {quantize or 'int8'})" if quantize or save
+                                             else "") + "...")
         model, pipe = entry.handler.load_model(
             [str(p) for p in paths], model_type, entry.base_model_type, entry.definition, dtype=dtype,
-            profile=self.options.profile, low_memory=self.options.low_memory,
+            profile=self.options.profile, low_memory=self.options.low_memory, quantizeTransformer=quantize or False,
+            save_quantized=str(save) if save else False,
         )
+        if save:
+            self._save_to = None
+            self.log(f"Saved the quantized DiT to {save}.")
         # with CUDA, mmgp streams the modules to the GPU; fp32 leftovers become `dtype` (modules that carry
         # a `_model_dtype` keep theirs); without CUDA everything stays on the CPU
         offload = offload_pipe(pipe, self._profile(pipe), dtype or torch.bfloat16, offload=self.options.offload,
                                compile=self.options.compile)
-        self._loaded = _Loaded(model_type, model, pipe, offload)
+        self._loaded = _Loaded(model_type, model, pipe, offload, paths[0])
         return model
 
     def _profile(self, pipe: Any) -> float:
@@ -266,8 +316,7 @@ class Runtime:
     def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],
                   on_saved: Callable[[SavedImage], None] | None) -> list[SavedImage]:
         """Save each image as it comes; `prompt` (without LoRA tags) names the files."""
-        entry = self.registry.entry(task.model_type)
-        weights_name = Path(str((entry.definition.get("URLs") or [entry.model_type])[0])).stem
+        weights_name = Path(self._loaded.weights).stem
         lora_info = [(lora.name if lora.from_tag else lora.path.stem, lora.strength, lora_short_hash(lora.path))
                      for lora in loras]
         when = datetime.now()

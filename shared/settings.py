@@ -2,7 +2,9 @@
 
 - A model definition is a `defaults/<model_type>.json` file: its `"model"` entry is the definition
   (`architecture` = the base model type that picks the family handler), every other top-level key is a
-  default setting.
+  default setting. As in Wan2GP, a user's `finetunes/<model_type>.json` is merged over the default of the
+  same name property by property (its settings too), or adds a model of its own; a finetune that cannot be
+  used is skipped with a warning (`ModelRegistry.warnings`), never a crash.
 - A task's settings are, from lowest to highest priority: the schema's defaults (shared/settings_schema.py),
   the handler's `update_default_settings`, the JSON's settings, caller defaults (e.g. CLI flags), then the
   task itself. Keys no layer knows are reported back, not silently used.
@@ -79,32 +81,135 @@ class ModelRegistry:
     """The models the app offers: family handlers mapped by base type, plus the defaults/*.json files."""
 
     def __init__(self, handlers: Sequence[type], defaults_dirs: Sequence[str | os.PathLike],
-                 schema: Schema = SETTINGS):
+                 schema: Schema = SETTINGS, finetunes_dirs: Sequence[str | os.PathLike] = ()):
         self.schema = schema
         self._handlers, self._families = _map_handlers(handlers)
         self._entries: dict[str, ModelEntry] = {}
         self.skipped: dict[str, str] = {}  # model_type -> why it is not offered
+        self.warnings: list[str] = []  # finetunes that could not be used, for the user
+        self.dit_model_type: str | None = None  # the model `use_dit` gave another DiT
+        raw: dict[str, tuple[dict, dict, Path]] = {}  # model_type -> ("model" entry, settings, file)
         for folder in defaults_dirs:
             for path in sorted(Path(folder).glob("*.json")):
-                self._add(path)
+                data = _read_json(path, "Model definition")
+                model = data.pop("model", None) if isinstance(data, dict) else None
+                raw[path.stem] = (model, data, path)
+        self._finetunes: set[Path] = set()
+        for folder in finetunes_dirs:
+            for path in sorted(Path(folder).glob("*.json")):
+                self._merge_finetune(raw, path)
+        for model_type, (model, settings, path) in raw.items():
+            self._add(model_type, model, settings, path)
+        for model_type in list(self._entries):
+            self._reuse_urls(model_type)
+        for model_type, (_, _, path) in raw.items():
+            if model_type in self._entries and path in self._finetunes:
+                self._check_finetune(model_type, path)
 
-    def _add(self, path: Path) -> None:
-        data = _read_json(path, "Model definition")
-        model = data.pop("model", None) if isinstance(data, dict) else None
-        if not isinstance(model, dict) or "architecture" not in model:
-            self.skipped[path.stem] = f"{path} has no \"model\" entry with an \"architecture\""
+    def _merge_finetune(self, raw: dict[str, tuple[dict, dict, Path]], path: Path) -> None:
+        try:
+            data = _read_json(path, "Finetune definition")
+        except SettingsError as e:
+            self.warnings.append(f"{e} It is ignored.")
             return
+        model = data.pop("model", None) if isinstance(data, dict) else None
+        if not isinstance(model, dict):
+            self.warnings.append(f"Finetune definition {path} has no \"model\" entry: it is ignored.")
+            return
+        self._finetunes.add(path)
+        if path.stem in raw and isinstance(raw[path.stem][0], dict):
+            base_model, base_settings, _ = raw[path.stem]
+            raw[path.stem] = ({**base_model, **model}, {**base_settings, **data}, path)
+        else:
+            raw[path.stem] = (model, data, path)
+
+    def _add(self, model_type: str, model: Any, settings: dict, path: Path) -> None:
+        def skip(why: str) -> None:
+            self.skipped[model_type] = why
+            if path in self._finetunes:
+                self.warnings.append(f"Finetune definition {path} is ignored: {why}.")
+
+        if not isinstance(model, dict) or "architecture" not in model:
+            return skip(f"{path} has no \"model\" entry with an \"architecture\"")
         base_type = model["architecture"]
         handler = self._handlers.get(base_type)
         if handler is None:
-            self.skipped[path.stem] = f"no family handler supports architecture '{base_type}'"
-            return
+            return skip(f"no family handler supports architecture '{base_type}'")
+        urls = model.get("URLs")
+        if path in self._finetunes and not isinstance(urls, str) and not (
+                isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls)):
+            return skip("its \"URLs\" must be a list of weight file URLs or paths (or a model type)")
         definition = dict(handler.query_model_def(base_type, model) or {})
         definition.update(model)  # JSON keys win over the handler's defaults
         if definition.get("visible", True) is False:
-            self.skipped[path.stem] = "marked invisible"
+            self.skipped[model_type] = "marked invisible"
             return
-        self._entries[path.stem] = ModelEntry(path.stem, base_type, handler, definition, data, path)
+        self._entries[model_type] = ModelEntry(model_type, base_type, handler, definition, settings, path)
+
+    def _reuse_urls(self, model_type: str) -> None:
+        """Wan2GP's `"URLs": "<other model type>"`: that model's weights."""
+        entry = self._entries[model_type]
+        other = entry.definition.get("URLs")
+        if not isinstance(other, str):
+            return
+        source = self._entries.get(other)
+        if source is None or isinstance(source.definition.get("URLs"), str):
+            del self._entries[model_type]
+            self.skipped[model_type] = f"its \"URLs\" names '{other}', which is no model with weight URLs"
+            if entry.path in self._finetunes:
+                self.warnings.append(f"Finetune definition {entry.path} is ignored: {self.skipped[model_type]}.")
+            return
+        checks = {**(source.definition.get("file_checks") or {}), **(entry.definition.get("file_checks") or {})}
+        definition = {**entry.definition, "URLs": list(source.definition["URLs"]), "file_checks": checks}
+        self._entries[model_type] = ModelEntry(model_type, entry.base_model_type, entry.handler, definition,
+                                               entry.settings, entry.path)
+
+    def _check_finetune(self, model_type: str, path: Path) -> None:
+        """A finetune whose settings do not validate is dropped with the reason, at startup (its own values
+        first: the handler's `fix_settings` would quietly replace e.g. an unknown sampler)."""
+        entry = self._entries[model_type]
+        try:
+            for key, value in entry.settings.items():
+                if key in self.schema:
+                    self.schema[key].clean(value, self.schema[key].rule(entry.definition))
+            validate_settings(entry, self.factory_settings(model_type), self.schema)
+        except SettingsError as e:
+            del self._entries[model_type]
+            self.skipped[model_type] = f"its settings are invalid: {e}"
+            self.warnings.append(f"Finetune definition {path} is ignored: its settings are invalid: {e}")
+
+    def use_dit(self, model_type: str, dit: str | os.PathLike) -> None:
+        """Make `model_type` generate with the DiT at `dit` (a `.safetensors` or `.gguf` file, or a
+        diffusers-format folder) instead of its own weights; its other defaults stay."""
+        path = Path(dit).expanduser()
+        if not path.exists():
+            raise SettingsError(f"--dit: no such file or folder: {dit}")
+        if path.is_file() and path.suffix.lower() not in (".safetensors", ".gguf"):
+            raise SettingsError(f"--dit {dit}: the DiT must be a .safetensors or .gguf file, or a diffusers-format "
+                                "folder.")
+        entry = self.entry(model_type)
+        definition = {**entry.definition, "URLs": [str(path)], "name": f"{entry.name} with {path.name}"}
+        self._entries[model_type] = ModelEntry(model_type, entry.base_model_type, entry.handler, definition,
+                                               entry.settings, entry.path)
+        self.dit_model_type = model_type
+
+    @property
+    def default_model_type(self) -> str:
+        """The model used when none is named: the one `use_dit` changed, else the first offered."""
+        return self.dit_model_type if self.dit_model_type in self._entries else self.model_types[0]
+
+    def offered(self) -> dict[str, list[str]]:
+        """What the models offer, for the command-line help: "model_type" and each family-supplied choice."""
+        offered: dict[str, list[str]] = {"model_type": self.model_types}
+        for setting in self.schema:
+            if setting.choices_from:
+                names = [str(v) for t in self.model_types for _, v in self.rule(t, setting.key).choices]
+                offered[setting.key] = list(dict.fromkeys(names))
+        return offered
+
+    def architecture_model_type(self) -> str | None:
+        """The first offered model named after its architecture (Wan2GP's parent model, e.g. `anima`)."""
+        return next((t for t in self.model_types if t == self._entries[t].base_model_type), None)
 
     @property
     def model_types(self) -> list[str]:

@@ -120,11 +120,14 @@ def parse_resolution(value: Any, multiple: int = DEFAULT_SIZE_MULTIPLE, key: str
     return width, height
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's SHA-256 (hex); `on_bytes(n)` hears of each block read (a progress bar)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return digest.hexdigest()
 
 
@@ -153,6 +156,7 @@ class Setting:
     metavar: str | None = None
     prompt_options: tuple[str, ...] = ()  # prompt-file options, e.g. ("s",) for `--s 30`; resolution: (w, h)
     a1111: str | None = None  # A1111 infotext label, e.g. "Steps"
+    a1111_unless_default: bool = False  # leave the A1111 field out while the value is `default` (an "off" value)
     ui: str | None = "number"  # one of UI_KINDS; None: not in the UI
     ui_step: float | None = None
     ui_lines: int = 1
@@ -253,6 +257,12 @@ class Setting:
     def a1111_value(self, value: Any) -> str:
         return _plain(value) if isinstance(value, float) else str(value)
 
+    def in_a1111(self, value: Any) -> bool:
+        """Whether the A1111 text records this value (empty values, and `default` for an "off" setting, not)."""
+        if not self.a1111 or value in (None, "", (), []):
+            return False
+        return not (self.a1111_unless_default and value == self.default)
+
     def json_extras(self, value: Any) -> dict[str, Any]:
         """Extra JSON entries recorded beside the value: a file's SHA-256, so a re-make can tell it changed."""
         if self.type == "file" and value:
@@ -321,16 +331,19 @@ class Schema:
         return kwargs
 
 
-def add_cli_flags(group: Any, settings: Sequence[Setting]) -> None:
+def add_cli_flags(group: Any, settings: Sequence[Setting], choices: Mapping[str, Sequence[str]] | None = None) -> None:
     """One argparse flag per setting that has one; the value lands in `args.<key>` (None when not given),
-    raw: validation types and checks it against the model, like any other source."""
+    raw: validation types and checks it against the model, like any other source. `choices` (by key: the
+    values the models offer) are listed in the help."""
     for s in settings:
         if s.cli is None:
             continue
+        names = (choices or {}).get(s.key)
+        text = f"{s.help}: {', '.join(map(str, names))}" if names else s.help
         if s.type == "names":
-            group.add_argument(s.cli, dest=s.key, action="append", metavar=s.metavar or "NAME", help=s.help)
+            group.add_argument(s.cli, dest=s.key, action="append", metavar=s.metavar or "NAME", help=text)
         else:
-            group.add_argument(s.cli, dest=s.key, metavar=s.metavar or _METAVARS[s.type], help=s.help)
+            group.add_argument(s.cli, dest=s.key, metavar=s.metavar or _METAVARS[s.type], help=text)
 
 
 _METAVARS = {"text": "TEXT", "int": "N", "float": "X", "resolution": "WxH", "numbers": "'X Y ...'", "file": "FILE"}
@@ -369,13 +382,21 @@ SAMPLING_SETTINGS = (
             help="flow shift of the sigma schedule", kwarg="shift"),
     Setting(key="sample_solver", type="text", default="", label="Sampler", choices_from="sample_solvers",
             cli="--sampler", metavar="NAME", a1111="Sampler", ui="dropdown",
-            help="sampler, e.g. er_sde, euler, euler_a, dpmpp_2m_sde", kwarg="sample_solver"),
+            help="sampler (ComfyUI's names)", kwarg="sample_solver"),
     Setting(key="seed", type="int", default=-1, label="Seed (-1 = random)", low=-1, high=MAX_SEED, cli="--seed",
             prompt_options=("d",), a1111="Seed", ui_step=1,
             help="-1 for a random seed; image i of a batch uses seed + i", kwarg="seed"),
 )
-# Scheduler and CFG-truncation settings go here (one tuple, so their change touches only these lines).
-SCHEDULER_SETTINGS: tuple[Setting, ...] = ()
+# The sigma schedule, and CFG applied only in the first steps (issue 13).
+SCHEDULER_SETTINGS = (
+    Setting(key="scheduler", type="text", default="", label="Scheduler", choices_from="schedulers",
+            cli="--scheduler", metavar="NAME", a1111="Schedule type", ui="dropdown",
+            help="sigma schedule (ComfyUI's names)", kwarg="scheduler"),
+    Setting(key="cfg_truncation_perc", type="float", default=100.0, label="CFG on the first % of steps", low=0,
+            high=100, cli="--cfg-truncation", metavar="PERCENT", a1111="CFG truncation", a1111_unless_default=True,
+            ui_step=5, help="apply CFG only in this first percentage of the steps, the later ones run the positive "
+            "prompt alone (faster); 100 = every step", kwarg=lambda value: {"cfg_truncation": value / 100}),
+)
 
 LORA_SETTINGS = (
     Setting(key="activated_loras", type="names", default=(), label="LoRAs", cli="--lora", ui="loras",

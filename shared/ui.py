@@ -23,6 +23,7 @@ import gradio as gr
 from shared.cli_args import port_in_use_message, server_port
 from shared.images import latent_preview, read_image_metadata, read_image_settings
 from shared.jobs import Job, JobQueue, Snapshot
+from shared.licenses import LicenseNotAccepted
 from shared.loras import list_loras
 from shared.runtime import Runtime
 from shared.settings import ModelRegistry, SettingsError, SettingsStore, resolve_task
@@ -248,6 +249,7 @@ class WebApp:
         self.registry, self.runtime, self.store = registry, runtime, store
         self.queue = JobQueue(runtime, preview=self._preview, log=runtime.log)
         self.controls: SettingControls | None = None
+        self.first_model: str | None = registry.dit_model_type
 
     def _preview(self, model_type: str, latent: Any):
         """A step's latents as an image, with the family's latent->RGB factors (None if it has none)."""
@@ -259,8 +261,11 @@ class WebApp:
     # ----------------------------------------------------------------------------- settings <-> UI
 
     def initial_model(self) -> str:
+        """--model (or the model --dit gave another DiT), else the last one used, else the first."""
+        if self.first_model:
+            return self.first_model
         last = self.store.last_model_type()
-        return last if last in self.registry.model_types else self.registry.model_types[0]
+        return last if last in self.registry.model_types else self.registry.default_model_type
 
     def settings_for(self, model_type: str, restored: dict[str, Any] | None = None) -> dict[str, Any]:
         """The model's defaults, overlaid by its last-used settings (or by `restored` ones)."""
@@ -312,10 +317,40 @@ class WebApp:
         try:
             task, _ = resolve_task(self.registry, dict(task_settings, model_type=model_type), where="")
             self.runtime.check(task)
+        except LicenseNotAccepted as e:
+            message = (f"This model's weights are under the {e.license.name}: read the notice under the model "
+                       "picker and press “I accept the licence” to download them.")
+            raise gr.Error(message, print_exception=False) from None
         except (SettingsError, ValueError, OSError) as e:
             raise gr.Error(str(e), print_exception=False) from None
         self.store.save(model_type, task.settings())
         self.queue.submit(task)
+
+    # ------------------------------------------------------------------------- licence, negative prompt
+
+    def license_view(self, model_type: str):
+        """The licence notice and its accept button, shown while the model's weights would be downloaded under
+        a licence not accepted yet (once accepted, here or on the command line, never again)."""
+        license = self.runtime.license_to_accept(model_type) if model_type in self.registry.model_types else None
+        return gr.update(visible=license is not None), license.markdown() if license else ""
+
+    def on_accept_license(self, model_type: str):
+        license = self.runtime.license_to_accept(model_type)
+        if license is not None:
+            self.runtime.accept_license(license)
+            gr.Info("Licence accepted: the weights are downloaded at the first Generate.")
+        return self.license_view(model_type)
+
+    def negative_prompt_state(self, model_type: str, guidance_scale: Any):
+        """The negative prompt is greyed out where it is not used: at CFG 1 (no unconditional pass), or for a
+        model whose definition says it has none (`no_negative_prompt`, e.g. Turbo)."""
+        definition = self.registry.entry(model_type).definition if model_type in self.registry.model_types else {}
+        try:
+            unused = float(guidance_scale) == 1.0
+        except (TypeError, ValueError):
+            unused = False
+        unused = unused or bool(definition.get("no_negative_prompt"))
+        return gr.update(interactive=not unused, info="not used at CFG 1" if unused else None)
 
     def on_abort(self) -> None:
         if self.queue.abort():
@@ -383,6 +418,9 @@ def _settings_panel(app: WebApp) -> dict[str, Any]:
     c["model"] = gr.Dropdown([(registry.entry(t).name, t) for t in registry.model_types], value=model_type,
                              label="Model", interactive=True)
     c["model_info"] = gr.Markdown(elem_classes="model-info")
+    with gr.Group(visible=False, elem_id="license-box") as c["license_box"]:
+        c["license_text"] = gr.Markdown(elem_id="license-text")
+        c["license_accept"] = gr.Button("I accept the licence", size="sm", elem_id="accept-license")
     for group in registry.schema.groups:
         if not any(s.ui for s in group.settings):
             continue
@@ -459,10 +497,22 @@ def build_ui(app: WebApp) -> gr.Blocks:
         loras.focus(app.refresh_loras, model, loras, show_progress="hidden")  # picks up new files
         loras.change(controls.on_loras_change, [loras, *controls.strengths], controls.strengths,
                      show_progress="hidden")
+        _wire_license_and_negative_prompt(app, demo, left)
         right["clear"].click(app.queue.clear, None, None, show_progress="hidden")
         right["gallery"].select(app.on_select, None, [right["details"], right["selected"]], show_progress="hidden")
         right["reuse"].click(app.on_restore, [right["selected"], model], model_outputs, show_progress="hidden")
     return demo
+
+
+def _wire_license_and_negative_prompt(app: WebApp, demo: gr.Blocks, left: dict[str, Any]) -> None:
+    model, box, text = left["model"], left["license_box"], left["license_text"]
+    demo.load(app.license_view, model, [box, text], show_progress="hidden")
+    model.change(app.license_view, model, [box, text], show_progress="hidden")
+    left["license_accept"].click(app.on_accept_license, model, [box, text], show_progress="hidden")
+    components = app.controls.components
+    if "negative_prompt" in components and "guidance_scale" in components:
+        cfg = components["guidance_scale"]
+        cfg.change(app.negative_prompt_state, [model, cfg], components["negative_prompt"], show_progress="hidden")
 
 
 def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) -> None:
@@ -474,6 +524,8 @@ def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) 
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     app = WebApp(registry, runtime, SettingsStore(args.settings))
+    if args.model:
+        app.first_model = registry.entry(args.model).model_type  # a clear error for an unknown one
     demo = build_ui(app)
     theme = gr.themes.Soft(primary_hue="pink", secondary_hue="violet", neutral_hue="slate")
     try:

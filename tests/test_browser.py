@@ -75,7 +75,8 @@ def server(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "wgp.py"), "--server-port", str(port), "--ckpts-dir", str(ckpts),
+            [sys.executable, str(ROOT / "wgp.py"), "--server-port", str(port), "--model", "anima_preview",
+             "--ckpts-dir", str(ckpts),
              "--output-dir", str(outputs), "--settings", str(settings), "--lora-dir", str(loras)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )

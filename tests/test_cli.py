@@ -38,9 +38,13 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+MODEL = ["--model", "anima_preview"]  # the model of the tiny checkpoint folder (not the default one)
+
+
 def run(capsys, *argv):
-    """(exit code, stdout lines, stderr) of `wgp.py argv`."""
-    code = wgp.main([str(a) for a in argv])
+    """(exit code, stdout lines, stderr) of `wgp.py --model anima_preview argv` (`--model` unless argv has one)."""
+    argv = [str(a) for a in argv]
+    code = wgp.main(argv if "--model" in argv or "--help" in argv else MODEL + argv)
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
 
@@ -64,7 +68,7 @@ def test_prompt_makes_one_png_with_a1111_and_json_metadata(capsys, ckpts, tmp_pa
         assert (im.format, im.size) == ("PNG", (64, 64))
     settings, parameters = read_image_metadata(path)
     assert parameters.splitlines()[:2] == ["1girl, smile", "Negative prompt: lowres"]
-    for field in ("Steps: 2", "Sampler: er_sde", "Schedule type: Simple", "CFG scale: 3.5", "Shift: 3",
+    for field in ("Steps: 2", "Sampler: er_sde", "Schedule type: simple", "CFG scale: 3.5", "Shift: 3",
                   "Seed: 42", "Size: 64x64", "Model: anima-preview"):
         assert field in parameters
     assert settings["model_type"] == "anima_preview" and settings["seed"] == 42
@@ -150,9 +154,11 @@ def test_dry_run_validates_without_loading_or_writing(capsys, ckpts, tmp_path):
     (tmp_path / "tasks.json").write_text(json.dumps([{"prompt": "a"}, {"prompt": "b", "model_type": "anima_preview"}]))
     code, lines, err = run(capsys, "--ckpts-dir", tmp_path / "empty", "--output-dir", tmp_path / "out",
                            "--process", tmp_path / "tasks.json", "--dry-run")
-    assert code == 0 and len(lines) == 3 and all(" OK: anima_preview, 1024x1024, 30 steps" in l for l in lines[:2])
+    assert code == 0 and len(lines) == 4 and all(" OK: anima_preview, 1024x1024, 30 steps" in l for l in lines[:2])
     assert lines[2] == (f"note: anima_preview will first download anima-preview.safetensors, qwen_3_06b_base."
                         f"safetensors, qwen_image_vae.safetensors into {tmp_path / 'empty'}")
+    assert lines[3] == ("note: its licence (CircleStone Labs Non-Commercial License and NVIDIA Open Model License) "
+                        "will be shown and must be accepted first (or pass --accept-license)")
     assert not (tmp_path / "out").exists() and not (tmp_path / "empty").exists()
 
 
@@ -210,7 +216,7 @@ def test_truncated_weights_are_one_clear_line(capsys, ckpts, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupting_a_real_process_exits_130_and_leaves_no_file(ckpts, tmp_path, sig):
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "wgp.py"), "--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path),
+        [sys.executable, str(ROOT / "wgp.py"), *MODEL, "--ckpts-dir", str(ckpts), "--output-dir", str(tmp_path),
          "--prompt", "x", "--resolution", "64x64", "--steps", "1000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
@@ -344,13 +350,20 @@ def test_a_bom_settings_file_runs_and_a_ckpts_dir_that_is_a_file_is_refused(caps
 
 
 def test_help_is_quick_and_names_the_app_folders(tmp_path):
-    """--help imports neither torch nor gradio, and the default folders are the app's, from any folder."""
+    """--help imports neither gradio nor transformers (only the family registries, to list the models,
+    samplers and schedulers), and the default folders are the app's, from any folder."""
     probe = ("import sys, wgp\ntry:\n    wgp.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'gradio', 'transformers') if m in sys.modules))")
+             "print(sorted(m for m in ('gradio', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     assert out.splitlines()[-1] == "[]"
     text = " ".join(out.split())
+    from models.anima.sampling import SAMPLERS
+    from models.anima.schedulers import SCHEDULERS
+
+    assert f"--sampler NAME sampler (ComfyUI's names): {', '.join(SAMPLERS)}" in text
+    assert f"--scheduler NAME sigma schedule (ComfyUI's names): {', '.join(SCHEDULERS)}" in text
+    assert "model type (default: the first): anima_aesthetic_v1_1, anima, anima_turbo_v1_1," in text
     assert f"(default: {ROOT / 'ckpts'})" in text and f"(default: {ROOT / 'outputs'})" in text
     assert "inline --n --w --h --s --l --g --fs --d overrides" in text
 

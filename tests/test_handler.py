@@ -52,7 +52,7 @@ def test_default_settings_on_an_empty_dict():
     handler.update_default_settings("anima", {}, settings)
     assert settings == {
         "image_mode": 1, "resolution": "1024x1024", "batch_size": 1, "num_inference_steps": 30,
-        "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde",
+        "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde", "scheduler": "simple",
         "negative_prompt": "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia",
     }
 
@@ -63,6 +63,32 @@ def test_fix_settings_maps_samplers(given, fixed):
     settings = {"sample_solver": given}
     handler.fix_settings("anima", 2.74, {}, settings)
     assert settings == {"sample_solver": fixed, "image_mode": 1}
+
+
+def test_schedulers_and_upstream_custom_settings_come_from_the_registry():
+    from models.anima import schedulers
+
+    model_def = handler.query_model_def("anima", {})
+    assert [v for _, v in model_def["schedulers"]] == list(schedulers.SCHEDULERS)
+    scheduler, truncation = model_def["custom_settings"]  # upstream Wan2GP's per-model settings
+    assert scheduler["id"] == "scheduler" and scheduler["type"] == "dropdown"
+    assert [v for _, v in scheduler["choices"]] == list(schedulers.SCHEDULERS) and scheduler["default"] == "simple"
+    assert (truncation["id"], truncation["type"], truncation["min"], truncation["max"], truncation["default"]) == (
+        "cfg_truncation", "float", 0.0, 1.0, 1.0)  # generate() reads it as the fraction of guided steps
+    assert model_def["license"]["id"] and len(model_def["license"]["urls"]) == 2
+
+
+def test_fix_settings_gives_upstream_the_definitions_scheduler_and_truncation():
+    upstream = {"sample_solver": "euler", "scheduler": "sgm_uniform", "cfg_truncation_perc": 80.0,
+                "custom_settings": {"speech_speed": 1.0}}  # upstream's baseline holds other families' values
+    handler.fix_settings("anima", 2.74, {}, upstream)
+    assert upstream["custom_settings"] == {"speech_speed": 1.0, "scheduler": "sgm_uniform", "cfg_truncation": 0.8}
+    chosen = {"scheduler": "sgm_uniform", "custom_settings": {"scheduler": "karras"}}  # the user's pick stays
+    handler.fix_settings("anima", 2.74, {}, chosen)
+    assert chosen["custom_settings"] == {"scheduler": "karras", "cfg_truncation": 1.0}
+    unknown = {"scheduler": "align_your_steps"}
+    handler.fix_settings("anima", 2.74, {}, unknown)
+    assert unknown == {"scheduler": "simple", "sample_solver": "er_sde", "image_mode": 1}  # no custom_settings here
 
 
 VALID = {"resolution": "896x1152", "sample_solver": "er_sde", "flow_shift": 3.0, "num_inference_steps": 30}
@@ -76,6 +102,9 @@ VALID = {"resolution": "896x1152", "sample_solver": "er_sde", "flow_shift": 3.0,
     ({"sample_solver": "unipc"}, "no sampler 'unipc'"),
     ({"flow_shift": 0}, "Shift must be above 0"),
     ({"num_inference_steps": 0}, "at least 1 sampling step"),
+    ({"scheduler": "karras"}, None),
+    ({"scheduler": "ays"}, "no scheduler 'ays'"),
+    ({"custom_settings": {"scheduler": "ays"}}, "no scheduler 'ays'"),
 ])
 def test_validate_generative_settings(change, message):
     problem = handler.validate_generative_settings("anima_preview", {}, VALID | change)
@@ -106,7 +135,7 @@ def test_model_files_and_definition():
     assert urls == [f"{HUB}/text_encoders/qwen_3_06b_base.safetensors", f"{HUB}/vae/qwen_image_vae.safetensors"]
     data = json.loads(DEFINITION.read_text())
     model = data.pop("model")
-    assert model["name"] == "Anima 2B Preview" and model["architecture"] == "anima" and model["description"]
+    assert model["name"] == "Anima Preview" and model["architecture"] == "anima" and model["description"]
     assert model["URLs"] == [f"{HUB}/diffusion_models/anima-preview.safetensors"]
     # Wan2GP format: settings beside "model", each one a key the handler's defaults also set
     defaults = {}

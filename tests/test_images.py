@@ -17,7 +17,7 @@ from shared.images import (
 SETTINGS = {
     "model_type": "anima_preview", "prompt": "1girl, solo, <lora:style:0.5> smile", "negative_prompt": "lowres, bad",
     "resolution": "64x48", "num_inference_steps": 2, "guidance_scale": 4.5, "flow_shift": 3.0,
-    "sample_solver": "er_sde", "seed": 1234, "batch_size": 1, "activated_loras": ["detail.safetensors"],
+    "sample_solver": "er_sde", "scheduler": "simple", "cfg_truncation_perc": 100.0, "seed": 1234, "batch_size": 1, "activated_loras": ["detail.safetensors"],
     "loras_multipliers": "0.8",
 }
 WHEN = datetime(2026, 9, 1, 13, 5, 9)
@@ -50,13 +50,14 @@ def test_a1111_text_has_every_field_and_parses_back():
     assert prompt_line == "1girl, solo, <lora:style:0.5> smile <lora:detail:0.8>"
     assert negative_line == "Negative prompt: lowres, bad"
     assert fields == (
-        "Steps: 2, Sampler: er_sde, Schedule type: Simple, CFG scale: 4.5, Shift: 3, Seed: 1234, "
+        "Steps: 2, Sampler: er_sde, Schedule type: simple, CFG scale: 4.5, Shift: 3, Seed: 1234, "
         'Size: 64x48, Model: anima-preview, Lora hashes: "detail: 0123456789ab"'
     )
     back, warnings = parse_a1111_parameters(text)
     assert warnings == [] and back == {
         "prompt": prompt_line, "negative_prompt": "lowres, bad", "num_inference_steps": 2,
-        "sample_solver": "er_sde", "guidance_scale": 4.5, "flow_shift": 3.0, "seed": 1234, "resolution": "64x48",
+        "sample_solver": "er_sde", "scheduler": "simple", "guidance_scale": 4.5, "flow_shift": 3.0, "seed": 1234,
+        "resolution": "64x48",
     }
 
 

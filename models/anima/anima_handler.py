@@ -1,6 +1,6 @@
 """Wan2GP family handler for Anima: what the host asks a model family (wan2gp_contract.md §1.2).
 
-Files: the DiT is the model's `URLs` (defaults/anima_preview.json); `query_model_files` lists the text
+Files: the DiT is the model's `URLs` (defaults/anima*.json, one per checkpoint); `query_model_files` lists the text
 encoder and the VAE, shared by every Anima checkpoint. Upstream Wan2GP downloads those into
 `ckpts/split_files/<folder>/`, this app into `ckpts/` itself; `load_model` looks in both places (and in a
 ComfyUI-style `../text_encoders`, `../vae` beside the DiT's folder). The tokenizers ship in
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .lora_tags import extract_lora_tags, find_lora_file
 from .sampling import DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 FAMILY = "anima"
 REPO_ID = "circlestone-labs/Anima"
@@ -26,6 +27,29 @@ VAE_FOLDER = "split_files/vae"
 DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia"
 SAMPLE_SOLVERS = [(s.label, s.name) for s in SAMPLERS.values()]
 DEFAULT_SOLVER = "er_sde"
+SCHEDULER_CHOICES = [(s.label, s.name) for s in SCHEDULERS.values()]
+# Definitions superseded by a newer release of their line sit in a group of their own, so the family's own list
+# (the model picker opens its first entry, by name) holds the current releases only.
+EARLIER_VERSIONS_GROUP = "anima_earlier"
+# Inside upstream Wan2GP the scheduler and CFG truncation are per-model "custom settings" (its generate() call has
+# no keyword for them); `generate` reads them from `custom_settings`. CFG truncation there is the fraction of the
+# steps that use CFG.
+UPSTREAM_CUSTOM_SETTINGS = [
+    {"id": "scheduler", "name": "Scheduler", "label": "Scheduler (sigma schedule)", "type": "dropdown",
+     "choices": SCHEDULER_CHOICES, "default": DEFAULT_SCHEDULER},
+    {"id": "cfg_truncation", "name": "CFG truncation", "label": "CFG on the first fraction of steps (1 = every step)",
+     "type": "float", "min": 0.0, "max": 1.0, "inc": 0.05, "default": 1.0},
+]
+LICENSE = {
+    "id": "circlestone-labs-non-commercial+nvidia-open-model",
+    "name": "CircleStone Labs Non-Commercial License and NVIDIA Open Model License",
+    "notice": ("Anima's weights are licensed by CircleStone Labs under the CircleStone Labs Non-Commercial License "
+               "and, as a model derived from NVIDIA Cosmos-Predict2, under the NVIDIA Open Model License: use them "
+               "for non-commercial purposes only (CircleStone Labs handles commercial licences). Read the terms "
+               "before you accept them."),
+    "urls": ["https://huggingface.co/circlestone-labs/Anima/blob/main/LICENSE.md",
+             "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license/"],
+}
 # About 1 MP, as the model card recommends for the preview.
 RESOLUTIONS = [
     ["1024x1024 (1:1)", "1024x1024"],
@@ -96,7 +120,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
 
     @staticmethod
     def query_family_infos() -> dict[str, tuple[int, str]]:
-        return {FAMILY: (1150, "Anima")}
+        return {FAMILY: (1150, "Anima"), EARLIER_VERSIONS_GROUP: (1151, "Anima (earlier versions)")}
 
     @staticmethod
     def query_model_def(base_model_type: str, model_def: dict) -> dict:
@@ -110,6 +134,9 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "image_batch_size_max": 16,
             "inference_steps": True,
             "profile_type": "image",
+            "schedulers": list(SCHEDULER_CHOICES),
+            "custom_settings": [dict(setting) for setting in UPSTREAM_CUSTOM_SETTINGS],
+            "license": dict(LICENSE),
         }
 
     @staticmethod
@@ -201,17 +228,27 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "guidance_scale": 4.0,
             "flow_shift": DEFAULT_SHIFT,
             "sample_solver": DEFAULT_SOLVER,
+            "scheduler": DEFAULT_SCHEDULER,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
         })
 
     @staticmethod
     def fix_settings(base_model_type: str, settings_version: float, model_def: dict, ui_defaults: dict) -> None:
         """Image mode always; a sampler under an alias ("euler_a") becomes its listed name, one unknown to
-        Anima (e.g. from another model's settings) the default."""
+        Anima (e.g. from another model's settings) the default, and so does an unknown scheduler. Inside
+        upstream Wan2GP (its settings hold a `custom_settings` dict) the definition's scheduler and CFG
+        truncation become the defaults of those custom settings, so e.g. Turbo opens with its own scheduler."""
         ui_defaults["image_mode"] = 1
         solver = ui_defaults.get("sample_solver")
         solver = SAMPLER_ALIASES.get(solver, solver)
         ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SOLVER
+        if ui_defaults.get("scheduler", DEFAULT_SCHEDULER) not in SCHEDULERS:
+            ui_defaults["scheduler"] = DEFAULT_SCHEDULER
+        if "custom_settings" in ui_defaults:
+            custom = dict(ui_defaults["custom_settings"] or {})
+            custom.setdefault("scheduler", ui_defaults.get("scheduler", DEFAULT_SCHEDULER))
+            custom.setdefault("cfg_truncation", float(ui_defaults.get("cfg_truncation_perc", 100.0)) / 100)
+            ui_defaults["custom_settings"] = custom
 
     @staticmethod
     def validate_generative_settings(model_type: str, model_def: dict, inputs: dict) -> str | None:
@@ -225,6 +262,9 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         solver = inputs.get("sample_solver") or DEFAULT_SOLVER
         if SAMPLER_ALIASES.get(solver, solver) not in SAMPLERS:
             return f"Anima has no sampler '{solver}'; choose one of: {', '.join(v for _, v in SAMPLE_SOLVERS)}."
+        scheduler = inputs.get("scheduler") or (inputs.get("custom_settings") or {}).get("scheduler")
+        if scheduler and scheduler not in SCHEDULERS:
+            return f"Anima has no scheduler '{scheduler}'; choose one of: {', '.join(SCHEDULERS)}."
         if float(inputs.get("flow_shift", DEFAULT_SHIFT)) <= 0:
             return "Shift must be above 0 (Anima's default is 3)."
         if int(inputs.get("num_inference_steps", 1)) < 1:
