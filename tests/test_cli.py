@@ -350,16 +350,15 @@ def test_a_bom_settings_file_runs_and_a_ckpts_dir_that_is_a_file_is_refused(caps
 
 
 def test_help_is_quick_and_names_the_app_folders(tmp_path):
-    """--help imports neither gradio nor transformers (only the family registries, to list the models,
-    samplers and schedulers), and the default folders are the app's, from any folder."""
+    """--help imports neither torch, gradio nor transformers (the family's torch-free registries list the
+    models, samplers and schedulers), and the default folders are the app's, from any folder."""
     probe = ("import sys, wgp\ntry:\n    wgp.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('gradio', 'transformers') if m in sys.modules))")
+             "print(sorted(m for m in ('gradio', 'torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     assert out.splitlines()[-1] == "[]"
     text = " ".join(out.split())
-    from models.anima.sampling import SAMPLERS
-    from models.anima.schedulers import SCHEDULERS
+    from models.anima.registry import SAMPLERS, SCHEDULERS
 
     assert f"--sampler NAME sampler (ComfyUI's names): {', '.join(SAMPLERS)}" in text
     assert f"--scheduler NAME sigma schedule (ComfyUI's names): {', '.join(SCHEDULERS)}" in text

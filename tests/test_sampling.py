@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.anima import sampling
+from models.anima import registry, sampling
 
 # anima_reference.md §5.3: table indices and sigmas of ComfyUI's `simple` schedule, 30 steps, shift 3.
 SPEC_INDICES_30 = [999, 966, 933, 899, 866, 833, 799, 766, 733, 699, 666, 633, 599, 566, 533, 499, 466, 433,
@@ -96,8 +96,8 @@ def test_euler_is_exact_for_point_data():
 
 # The *_gpu samplers equal their CPU-tree twins on the CPU (tests/test_sampler_parity.py).
 STOCHASTIC = [name for name, spec in sampling.SAMPLERS.items()
-              if spec.noise not in (sampling.NO_NOISE, sampling.DEVICE_BROWNIAN_NOISE)]
-DETERMINISTIC = [name for name, spec in sampling.SAMPLERS.items() if spec.noise == sampling.NO_NOISE]
+              if spec.noise not in (registry.NO_NOISE, registry.DEVICE_BROWNIAN_NOISE)]
+DETERMINISTIC = [name for name, spec in sampling.SAMPLERS.items() if spec.noise == registry.NO_NOISE]
 
 
 def run_sampler(name, denoise, x, sigmas, seeds=(11, 12)):
@@ -110,8 +110,8 @@ def test_registry_lists_comfyui_samplers_and_noise_kinds():
     assert list(sampling.SAMPLERS)[0] == "er_sde"
     assert {"euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "res_multistep",
             "uni_pc", "uni_pc_bh2", "lcm", "er_sde", "dpmpp_2m_sde_gpu", "dpmpp_3m_sde_gpu"} == set(sampling.SAMPLERS)
-    brownian = {n for n, s in sampling.SAMPLERS.items() if s.noise == sampling.BROWNIAN_NOISE}
-    on_device = {n for n, s in sampling.SAMPLERS.items() if s.noise == sampling.DEVICE_BROWNIAN_NOISE}
+    brownian = {n for n, s in sampling.SAMPLERS.items() if s.noise == registry.BROWNIAN_NOISE}
+    on_device = {n for n, s in sampling.SAMPLERS.items() if s.noise == registry.DEVICE_BROWNIAN_NOISE}
     assert brownian == {"dpmpp_2m_sde", "dpmpp_3m_sde"} and on_device == {n + "_gpu" for n in brownian}
     assert set(STOCHASTIC) == brownian | {"euler_ancestral", "er_sde", "lcm"}
 
@@ -164,7 +164,7 @@ def test_ode_samplers_converge_at_their_order(name, order):
     errors = []
     for steps in (128, 256):
         sigmas = torch.linspace(0, -math.log(end), steps + 1, dtype=torch.float64).neg().exp()
-        out = sampling.SAMPLERS[name].run(gaussian_denoiser(MU, S), x, sigmas, None, None)
+        out = getattr(sampling, sampling.SAMPLERS[name].function)(gaussian_denoiser(MU, S), x, sigmas, None, None)
         errors.append((out - exact).abs().max().item())
     assert 0.85 * 2**order < errors[0] / errors[1] < 1.15 * 2 ** (order + 0.2)
 

@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from .lora_tags import extract_lora_tags, find_lora_file
-from .sampling import DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS, SCHEDULERS
 
 FAMILY = "anima"
 REPO_ID = "circlestone-labs/Anima"
@@ -26,7 +25,6 @@ VAE_FOLDER = "split_files/vae"
 # The official ComfyUI template's negative prompt (anima_reference.md §4.3).
 DEFAULT_NEGATIVE_PROMPT = "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia"
 SAMPLE_SOLVERS = [(s.label, s.name) for s in SAMPLERS.values()]
-DEFAULT_SOLVER = "er_sde"
 SCHEDULER_CHOICES = [(s.label, s.name) for s in SCHEDULERS.values()]
 # Definitions superseded by a newer release of their line sit in a group of their own, so the family's own list
 # (the model picker opens its first entry, by name) holds the current releases only.
@@ -227,7 +225,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "num_inference_steps": 30,
             "guidance_scale": 4.0,
             "flow_shift": DEFAULT_SHIFT,
-            "sample_solver": DEFAULT_SOLVER,
+            "sample_solver": DEFAULT_SAMPLER,
             "scheduler": DEFAULT_SCHEDULER,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
         })
@@ -241,7 +239,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         ui_defaults["image_mode"] = 1
         solver = ui_defaults.get("sample_solver")
         solver = SAMPLER_ALIASES.get(solver, solver)
-        ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SOLVER
+        ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SAMPLER
         if ui_defaults.get("scheduler", DEFAULT_SCHEDULER) not in SCHEDULERS:
             ui_defaults["scheduler"] = DEFAULT_SCHEDULER
         if "custom_settings" in ui_defaults:
@@ -259,7 +257,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
         if int(width) % SIZE_MULTIPLE or int(height) % SIZE_MULTIPLE:
             return (f"Anima needs a width and height that are multiples of {SIZE_MULTIPLE}; "
                     f"{width}x{height} is not (try {int(width) // 16 * 16}x{int(height) // 16 * 16}).")
-        solver = inputs.get("sample_solver") or DEFAULT_SOLVER
+        solver = inputs.get("sample_solver") or DEFAULT_SAMPLER
         if SAMPLER_ALIASES.get(solver, solver) not in SAMPLERS:
             return f"Anima has no sampler '{solver}'; choose one of: {', '.join(v for _, v in SAMPLE_SOLVERS)}."
         scheduler = inputs.get("scheduler") or (inputs.get("custom_settings") or {}).get("scheduler")

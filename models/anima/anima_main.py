@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import sampling, schedulers
+from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT
 from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher
 from .lora_tags import extract_lora_tags, find_lora_file
@@ -37,7 +38,6 @@ from .vae import load_vae
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
 SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 DiT patches
-DEFAULT_SAMPLER = "er_sde"
 MAX_RANDOM_SEED = 999_999_999  # Wan2GP's range for seed -1
 
 LoraRequest = Sequence[tuple[str | os.PathLike, float]]
@@ -173,7 +173,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
 
     @torch.no_grad()
     def generate(self, input_prompt: str = "", n_prompt: str | None = None, sampling_steps: int = 30,
-                 guide_scale: float = 4.0, shift: float = sampling.DEFAULT_SHIFT,
+                 guide_scale: float = 4.0, shift: float = DEFAULT_SHIFT,
                  sample_solver: str = DEFAULT_SAMPLER, width: int = 1024, height: int = 1024,
                  seed: int | None = None, batch_size: int = 1, callback: Callable | None = None,
                  VAE_tile_size: int | Sequence | None = None, joint_pass: bool = True,  # noqa: N803 (Wan2GP)
@@ -211,7 +211,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             raise ValueError(f"batch_size must be at least 1 (got {batch_size}).")
         solver = sampling.canonical_sampler(sample_solver or DEFAULT_SAMPLER)
         custom_settings = custom_settings or {}
-        scheduler = scheduler or custom_settings.get("scheduler") or schedulers.DEFAULT_SCHEDULER
+        scheduler = scheduler or custom_settings.get("scheduler") or DEFAULT_SCHEDULER
         if cfg_truncation is None:
             cfg_truncation = float(custom_settings.get("cfg_truncation", 1.0))
         sigmas = schedulers.compute_sigmas(scheduler, sampling_steps, shift, solver).to(self.device)

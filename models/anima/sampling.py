@@ -15,7 +15,7 @@ Every sampler follows k-diffusion: `sampler(denoise, x, sigmas, noise, callback)
   * `noise(sigma, sigma_next)` returns standard normal noise shaped like x for the step from sigma to
     sigma_next (stochastic samplers only; k-diffusion's `noise_sampler`),
   * `callback(i, x, x0)` runs after step i with the new x and that step's denoised estimate.
-`SAMPLERS` is the one registry (ComfyUI's names) and `sample()` the entry point: it makes each sampler's
+`registry.SAMPLERS` is the one registry (ComfyUI's names) and `sample()` the entry point: it makes each sampler's
 noise and first-sigma adjustment as ComfyUI does. The arithmetic follows ComfyUI's
 `comfy/k_diffusion/sampling.py` and `comfy/extra_samplers/uni_pc.py` operation by operation, so float32 CPU
 runs reproduce its results.
@@ -31,17 +31,17 @@ import math
 import warnings
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .registry import BROWNIAN_NOISE, DEFAULT_SHIFT, DEVICE_BROWNIAN_NOISE, GAUSSIAN_NOISE, SAMPLERS, canonical_sampler
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 NoiseSource = Callable[[], Tensor]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]  # (sigma, sigma_next) -> noise shaped like x
 StepCallback = Callable[[int, Tensor, Tensor], None]
 
-DEFAULT_SHIFT = 3.0  # ComfyUI's sampling_settings for Anima
 NUM_TRAIN_TIMESTEPS = 1000
 # ComfyUI's SDE solvers work in log-SNR, which is infinite at sigma = 1, so they start slightly below it.
 FIRST_SIGMA_PERCENT = 1e-4
@@ -599,50 +599,6 @@ def sample_uni_pc_bh2(
     return _sample_unipc(denoise, x, sigmas, callback, "bh2")
 
 
-# ----------------------------------------------------------------------------------------------- registry
-
-NO_NOISE, GAUSSIAN_NOISE, BROWNIAN_NOISE, DEVICE_BROWNIAN_NOISE = "none", "gaussian", "brownian", "device_brownian"
-
-
-@dataclass(frozen=True)
-class Sampler:
-    name: str  # ComfyUI's name: settings, command line, metadata
-    label: str  # for menus
-    run: Callable[..., Tensor]  # (denoise, x, sigmas, noise, callback) -> final latents
-    noise: str = NO_NOISE  # NO_NOISE, GAUSSIAN_NOISE (per-step CPU normals), BROWNIAN_NOISE (a torchsde tree on
-    # the CPU) or DEVICE_BROWNIAN_NOISE (on the latents' device: ComfyUI's *_gpu samplers)
-    log_snr: bool = False  # works in log-SNR, so a first sigma of 1 becomes percent_to_sigma(1e-4)
-    drops_penultimate_sigma: bool = False  # ComfyUI schedules steps + 1 and drops the penultimate sigma
-
-
-# Menu order: the model card's three first (er_sde is its default), then the rest.
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("er_sde", "ER-SDE (default)", sample_er_sde, GAUSSIAN_NOISE, log_snr=True),
-    Sampler("euler_ancestral", "Euler a", sample_euler_ancestral, GAUSSIAN_NOISE),
-    Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", sample_dpmpp_2m_sde, BROWNIAN_NOISE, log_snr=True),
-    Sampler("euler", "Euler", sample_euler),
-    Sampler("heun", "Heun", sample_heun),
-    Sampler("dpmpp_2m", "DPM++ 2M", sample_dpmpp_2m),
-    Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", sample_dpmpp_3m_sde, BROWNIAN_NOISE, log_snr=True),
-    Sampler("dpmpp_2m_sde_gpu", "DPM++ 2M SDE (GPU noise)", sample_dpmpp_2m_sde, DEVICE_BROWNIAN_NOISE, log_snr=True),
-    Sampler("dpmpp_3m_sde_gpu", "DPM++ 3M SDE (GPU noise)", sample_dpmpp_3m_sde, DEVICE_BROWNIAN_NOISE, log_snr=True),
-    Sampler("res_multistep", "RES multistep", sample_res_multistep),
-    Sampler("uni_pc", "UniPC", sample_uni_pc, drops_penultimate_sigma=True),
-    Sampler("uni_pc_bh2", "UniPC BH2", sample_uni_pc_bh2, drops_penultimate_sigma=True),
-    Sampler("lcm", "LCM", sample_lcm, GAUSSIAN_NOISE),
-)}
-SAMPLER_ALIASES = {"euler_a": "euler_ancestral"}
-
-
-def canonical_sampler(name: str) -> str:
-    """The sampler's canonical name ("euler_a" -> "euler_ancestral"); ValueError naming the choices."""
-    name = SAMPLER_ALIASES.get(name, name)
-    if name not in SAMPLERS:
-        choices = ", ".join([*SAMPLERS, *SAMPLER_ALIASES])
-        raise ValueError(f"Unknown sampler '{name}': choose one of {choices}.")
-    return name
-
-
 def sample(
     sampler: str, denoise: Denoiser, x: Tensor, sigmas: Tensor, *, noise: NoiseSource,
     callback: StepCallback | None = None, shift: float = DEFAULT_SHIFT, seeds: Sequence[int] | None = None,
@@ -663,7 +619,7 @@ def sample(
         noise_sampler = lambda sigma, sigma_next: noise()  # noqa: E731
     if spec.log_snr:
         sigmas = offset_first_sigma(sigmas, shift)
-    return spec.run(denoise, x, sigmas, noise_sampler, callback)
+    return _SAMPLE_FUNCTIONS[spec.name](denoise, x, sigmas, noise_sampler, callback)
 
 
 def start_latents(noise: Tensor, sigmas: Tensor) -> Tensor:
@@ -678,3 +634,7 @@ def cfg_cutoff_sigma(sigmas: Tensor, cfg_truncation: float) -> float | None:
     steps = len(sigmas) - 1
     guided_steps = min(steps, max(0, math.floor(cfg_truncation * steps + 0.5)))
     return None if guided_steps >= steps else float(sigmas[guided_steps])
+
+
+# Each registry entry's implementation, resolved once (a misspelt function name fails here, at import).
+_SAMPLE_FUNCTIONS: dict[str, Callable[..., Tensor]] = {name: globals()[s.function] for name, s in SAMPLERS.items()}

@@ -9,24 +9,23 @@ is the sigma itself, and the sigma of a timestep t is time_snr_shift(shift, t), 
 formula. A schedule is a decreasing float32 CPU tensor that ends in 0; most have steps + 1 entries, but
 `ddim_uniform` and `beta` keep ComfyUI's quirks (one extra step, merged duplicate steps).
 
-Adding a scheduler: one function `(steps, shift) -> sigmas` and one line in `SCHEDULERS`.
+Adding a scheduler: one function `(steps, shift) -> sigmas` here and one line in `registry.SCHEDULERS`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from .sampling import DEFAULT_SHIFT, SAMPLERS, canonical_sampler, sigma_table, simple_schedule, time_snr_shift
+from .registry import DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLERS, SCHEDULERS, canonical_sampler, canonical_scheduler
+from .sampling import sigma_table, simple_schedule, time_snr_shift
 
 ScheduleFn = Callable[[int, float], Tensor]
 
-DEFAULT_SCHEDULER = "simple"
 KARRAS_RHO = 7.0
 LINEAR_QUADRATIC_THRESHOLD = 0.025
 
@@ -125,41 +124,18 @@ def kl_optimal_schedule(steps: int, shift: float = DEFAULT_SHIFT) -> Tensor:
     return sigmas
 
 
-@dataclass(frozen=True)
-class Scheduler:
-    name: str  # ComfyUI's name, used in settings and metadata
-    label: str  # for menus; A1111's "Schedule type" spelling where A1111 has the schedule
-    schedule: ScheduleFn
-
-
-SCHEDULERS: dict[str, Scheduler] = {s.name: s for s in (
-    Scheduler("simple", "Simple", simple_schedule),
-    Scheduler("sgm_uniform", "SGM Uniform", partial(normal_schedule, sgm=True)),
-    Scheduler("karras", "Karras", karras_schedule),
-    Scheduler("exponential", "Exponential", exponential_schedule),
-    Scheduler("ddim_uniform", "DDIM", ddim_uniform_schedule),
-    Scheduler("beta", "Beta", beta_schedule),
-    Scheduler("normal", "Normal", normal_schedule),
-    Scheduler("linear_quadratic", "Linear Quadratic", linear_quadratic_schedule),
-    Scheduler("kl_optimal", "KL Optimal", kl_optimal_schedule),
-    Scheduler("beta57", "Beta57", partial(beta_schedule, alpha=0.5, beta=0.7)),  # RES4LYF
-)}
-
-
-def canonical_scheduler(name: str) -> str:
-    """`name` when it is a scheduler; ValueError naming the choices otherwise."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"Unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}.")
-    return name
-
-
 def compute_sigmas(scheduler: str, steps: int, shift: float = DEFAULT_SHIFT, sampler: str | None = None) -> Tensor:
     """The sigmas `sampler` runs for `steps` steps of `scheduler`, as ComfyUI's KSampler computes them:
     for the samplers that drop the penultimate sigma (uni_pc) the schedule is made for steps + 1 first."""
     if steps < 1:
         raise ValueError(f"The number of steps must be at least 1 (got {steps}).")
-    schedule = SCHEDULERS[canonical_scheduler(scheduler)].schedule
+    schedule = _SCHEDULE_FUNCTIONS[canonical_scheduler(scheduler)]
     if sampler is not None and SAMPLERS[canonical_sampler(sampler)].drops_penultimate_sigma:
         sigmas = schedule(steps + 1, shift)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return schedule(steps, shift)
+
+
+# Each registry entry's implementation with its options, resolved once (a misspelt name fails at import).
+_SCHEDULE_FUNCTIONS: dict[str, ScheduleFn] = {
+    name: partial(globals()[s.function], **dict(s.options)) for name, s in SCHEDULERS.items()}
