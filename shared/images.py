@@ -120,6 +120,8 @@ def a1111_parameters(
     fields: dict[str, str] = {}
     for setting in schema:
         value = settings.get(setting.key)
+        if setting.a1111_if and not settings.get(setting.a1111_if):
+            continue
         if setting.a1111 and setting.a1111 != _NEGATIVE and value not in (None, "", (), []):
             fields[setting.a1111] = setting.a1111_value(value)
     if schedule_type and "Schedule type" not in {s.a1111 for s in schema}:
