@@ -146,7 +146,8 @@ class JobQueue:
         if saved is None:
             return replace(job, status="aborted", message="Aborted."), []
         seeds = ", ".join(str(s.seed) for s in saved)
-        summary = f" · {self.runtime.last_summary}" if self.runtime.last_summary else ""
+        summary = getattr(self.runtime, "last_summary", None)  # the step cache's, if it had one
+        summary = f" · {summary}" if summary else ""
         return replace(job, status="done", message=f"seed {seeds}{summary}", seed=saved[0].seed,
                        paths=tuple(str(s.path) for s in saved)), saved
 
