@@ -204,6 +204,21 @@ def test_each_image_of_a_batch_has_its_own_cache(model):
     assert torch.equal(batch["x"][:, 1], alone["x"][:, 0])
 
 
+@pytest.mark.parametrize("kind", ["tea", "first_block"])
+def test_a_cache_does_not_depend_on_the_default_device(model, kind):
+    # mmgp leaves torch's default device on CUDA; "meta" stands in for it
+    kw = dict(skip_steps_cache_type=kind, skip_steps_multiplier=2.5, sampling_steps=12, batch_size=2)
+    expected = run(model, **kw)
+    assert not expected["step_cache"].endswith("(0 of 48 DiT passes)")
+    torch.set_default_device("meta")
+    try:
+        model._prompt_cache.clear()
+        got = run(model, **kw)
+    finally:
+        torch.set_default_device(None)
+    assert torch.equal(got["x"], expected["x"]) and got["step_cache"] == expected["step_cache"]
+
+
 def test_heun_decides_per_model_call(model):
     out = run(model, sample_solver="heun", skip_steps_cache_type="tea", skip_steps_multiplier=2.5)
     # heun: 2 calls per step but 1 in the last, each with a cond and an uncond pass

@@ -134,7 +134,7 @@ class BranchState:
     """What one key remembers between its evaluations."""
 
     reference: Tensor | None = None  # the signature compared against
-    residual: Tensor | None = None  # float32: what the skippable blocks added at the last full evaluation
+    residual: Tensor | None = None  # what the skippable blocks added at the last full evaluation
     accumulated: float = 0.0  # TeaCache's rescaled distance since the last full evaluation
     skips_in_a_row: int = 0
 
@@ -292,7 +292,7 @@ class CachedRows:
             sub = [t[part] if t.shape[0] == len(skips) else t for t in (emb, context, adaln_lora)]
             for block in blocks[head:]:
                 h = block(h, sub[0], sub[1], rope, sub[2])
-            residual = (h.float() - start.float())  # [b, L, D]
+            residual = h - start  # [b, L, D] in the residual stream's dtype, as the blocks add it
             for i, row in enumerate(computed):
                 run.states[self.keys[row]].residual = residual[i]
             if len(computed) == len(skips):
@@ -300,5 +300,5 @@ class CachedRows:
             out[part] = h
         for row, skip in enumerate(skips):
             if skip:
-                out[row] = (x_head[row].float() + run.states[self.keys[row]].residual).to(out.dtype)
+                out[row] = x_head[row] + run.states[self.keys[row]].residual
         return out
