@@ -177,6 +177,8 @@ def _run_one(item: _Checked, total: int, runtime: Runtime, out: TextIO, err: Tex
                   desc=f"[{item.number}/{total}]") as bar:
             def advance(info: StepInfo) -> None:
                 bar.total = info.total
+                if info.detail:
+                    bar.set_postfix_str(info.detail, refresh=False)
                 bar.update(info.step - bar.n)
 
             images = runtime.generate(task, on_step=advance, on_saved=saved)

@@ -119,7 +119,7 @@ def a1111_parameters(
     fields: dict[str, str] = {}
     for setting in schema:
         value = settings.get(setting.key)
-        if setting.a1111 != _NEGATIVE and setting.in_a1111(value):
+        if setting.a1111 != _NEGATIVE and setting.in_a1111(value, settings):
             fields[setting.a1111] = setting.a1111_value(value)
     rank = {label: i for i, label in enumerate(_A1111_ORDER)}
     fields = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], len(rank))))

@@ -146,7 +146,9 @@ class JobQueue:
         if saved is None:
             return replace(job, status="aborted", message="Aborted."), []
         seeds = ", ".join(str(s.seed) for s in saved)
-        return replace(job, status="done", message=f"seed {seeds}", seed=saved[0].seed,
+        summary = getattr(self.runtime, "last_summary", None)  # the step cache's, if it had one
+        summary = f" · {summary}" if summary else ""
+        return replace(job, status="done", message=f"seed {seeds}{summary}", seed=saved[0].seed,
                        paths=tuple(str(s.path) for s in saved)), saved
 
     def _finish(self, job: Job, saved: list[SavedImage]) -> None:

@@ -76,6 +76,7 @@ class StepInfo:
     elapsed: float  # seconds since denoising started
     eta: float | None  # seconds left, from the mean step time so far
     latent: Tensor | None  # [C, T, h, w] latents after this step (T = images of the batch)
+    detail: str = ""  # what the model says of this step (Wan2GP's `denoising_extra`: the step cache's report)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ class _StepReporter:
         self.non_finite_step: int | None = None
 
     def __call__(self, step_idx: int = -1, latent: Tensor | None = None, force_refresh: bool = True,
-                 read_state: bool = False, override_num_inference_steps: int = -1, **_: Any) -> None:
+                 read_state: bool = False, override_num_inference_steps: int = -1, denoising_extra: str = "",
+                 **_: Any) -> None:
         if override_num_inference_steps > 0:
             self.total, self.start = override_num_inference_steps, time.monotonic()
         if step_idx < 0:
@@ -109,7 +111,7 @@ class _StepReporter:
             return
         elapsed = time.monotonic() - self.start
         eta = elapsed / step * max(self.total - step, 0)
-        self.on_step(StepInfo(step, self.total, elapsed, eta, latent))
+        self.on_step(StepInfo(step, self.total, elapsed, eta, latent, denoising_extra))
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Runtime:
         self._loaded: _Loaded | None = None
         self._lock = threading.Lock()
         self._abort_requested = False
+        self.last_summary: str | None = None  # what the last generation's step cache skipped, if it had one
 
     # --------------------------------------------------------------------------------------- models
 
@@ -266,6 +269,7 @@ class Runtime:
         written); None if it was aborted. GenerationError when the result holds NaN or infinite values."""
         with self._lock:
             self._abort_requested = False
+        self.last_summary = None
         model_type = task.model_type
         prompt, loras = self.loras(task)
         if on_status and not (self._loaded and self._loaded.model_type == model_type):
@@ -295,6 +299,9 @@ class Runtime:
                                   f"nothing; {NON_FINITE_HINT}.")
         if out is None:  # aborted
             return None
+        self.last_summary = out.get("step_cache") if isinstance(out, dict) else None
+        if self.last_summary:
+            self.log(self.last_summary)
         images = out["x"] if isinstance(out, dict) else out  # [3, B, H, W], uint8 or floats in [-1, 1]
         if images.is_floating_point() and not bool(torch.isfinite(images).all()):
             raise GenerationError(f"The decoded image holds NaN or infinite values, so nothing was saved; "

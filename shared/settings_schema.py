@@ -157,6 +157,7 @@ class Setting:
     prompt_options: tuple[str, ...] = ()  # prompt-file options, e.g. ("s",) for `--s 30`; resolution: (w, h)
     a1111: str | None = None  # A1111 infotext label, e.g. "Steps"
     a1111_unless_default: bool = False  # leave the A1111 field out while the value is `default` (an "off" value)
+    a1111_if: str | None = None  # key of a setting that must be set (not empty) for this one to be written
     ui: str | None = "number"  # one of UI_KINDS; None: not in the UI
     ui_step: float | None = None
     ui_lines: int = 1
@@ -249,7 +250,10 @@ class Setting:
                     return choice
             elif value == choice or _choice_key(value) in (_choice_key(choice), _choice_key(label)):
                 return choice
-        names = ", ".join(str(choice) for _, choice in rule.choices)
+            elif choice == "" and _choice_key(value) == "none":  # the empty "off" choice, as users often write it
+                return choice
+        # an empty choice is named by its label ("Off"), which it also accepts
+        names = ", ".join(str(choice) or label for label, choice in rule.choices)
         raise SettingsError(f"{self.key} {value!r} is not available: choose one of {names}.")
 
     # --------------------------------------------------------------------------------- metadata
@@ -257,9 +261,12 @@ class Setting:
     def a1111_value(self, value: Any) -> str:
         return _plain(value) if isinstance(value, float) else str(value)
 
-    def in_a1111(self, value: Any) -> bool:
-        """Whether the A1111 text records this value (empty values, and `default` for an "off" setting, not)."""
+    def in_a1111(self, value: Any, settings: Mapping[str, Any]) -> bool:
+        """Whether the A1111 text records this value among `settings`: not an empty value, nor `default` for
+        an "off" setting, nor a setting whose `a1111_if` setting is off."""
         if not self.a1111 or value in (None, "", (), []):
+            return False
+        if self.a1111_if and not settings.get(self.a1111_if):
             return False
         return not (self.a1111_unless_default and value == self.default)
 
@@ -406,8 +413,23 @@ LORA_SETTINGS = (
 )
 # Image inputs (guide image, mask, denoising / masking strength, outpainting, hires) go here.
 IMAGE_INPUT_SETTINGS: tuple[Setting, ...] = ()
-# Step-cache settings (skip_steps_cache_type, skip_steps_multiplier, skip_steps_start_step_perc) go here.
-STEP_CACHE_SETTINGS: tuple[Setting, ...] = ()
+# Step-skipping caches, under Wan2GP's keys; the family lists its caches and multipliers in its definition.
+STEP_CACHE_SETTINGS = (
+    Setting(key="skip_steps_cache_type", type="text", default="", label="Step cache", choices=(("Off", ""),),
+            choices_from="skip_steps_cache_choices", cli="--step-cache", metavar="NAME", a1111="Step cache",
+            ui="dropdown", kwarg="skip_steps_cache_type",
+            help="skip DiT evaluations that would change little: tea (TeaCache) or first_block (First-Block "
+                 "Cache); off: every step computed in full"),
+    Setting(key="skip_steps_multiplier", type="float", default=1.75, label="Step cache speed-up",
+            choices=tuple((f"x{m:g}", m) for m in (1.5, 1.75, 2.0, 2.25, 2.5)),
+            choices_from="skip_steps_multiplier_choices", cli="--step-cache-speed", a1111="Step cache speed",
+            a1111_if="skip_steps_cache_type", ui="dropdown", kwarg="skip_steps_multiplier",
+            help="the step cache's target speed-up, e.g. 1.5, 2 or 2.5 (more skips, more change)"),
+    Setting(key="skip_steps_start_step_perc", type="int", default=0, label="Step cache starts at (% of steps)",
+            low=0, high=100, cli="--step-cache-start", metavar="PERCENT", a1111="Step cache start",
+            a1111_if="skip_steps_cache_type", ui_step=1, kwarg="skip_steps_start_step_perc",
+            help="no skipping in this first percentage of the steps (the first and last steps always run)"),
+)
 
 SETTINGS = Schema((
     SettingGroup("Prompt", PROMPT_SETTINGS, main=True),

@@ -93,8 +93,9 @@ def status_html(snap: Snapshot) -> str:
                     f"<div class='bar pulse'><div></div></div></div>")
         pct = 100 * step.step / max(step.total, 1)
         speed = step.elapsed / max(step.step, 1)
+        detail = f" · {html.escape(step.detail)}" if step.detail else ""
         return (f"<div class='status running'><div class='line'><span>#{job.id} · Step {step.step}/{step.total}"
-                f"</span><span>{speed:.2f} s/step · ETA {_fmt_time(step.eta or 0)}{waiting}</span></div>"
+                f"{detail}</span><span>{speed:.2f} s/step · ETA {_fmt_time(step.eta or 0)}{waiting}</span></div>"
                 f"<div class='sub'>{prompt}</div><div class='bar'><div style='width:{pct:.1f}%'></div></div></div>")
     last = snap.last
     if last is None:

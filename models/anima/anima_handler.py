@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .lora_tags import extract_lora_tags, find_lora_file
-from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS, SCHEDULERS
+from .registry import (DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS, SCHEDULERS,
+                       SPEED_MULTIPLIERS, STEP_CACHES, TEACACHE_COEFFICIENTS, menu_choices, multiplier_choices)
 
 FAMILY = "anima"
 REPO_ID = "circlestone-labs/Anima"
@@ -135,7 +136,35 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "schedulers": list(SCHEDULER_CHOICES),
             "custom_settings": [dict(setting) for setting in UPSTREAM_CUSTOM_SETTINGS],
             "license": dict(LICENSE),
+        } | family_handler.step_cache_model_def()
+
+    @staticmethod
+    def step_cache_model_def() -> dict:
+        """What makes upstream's "Steps Skipping" tab (and this app's "Step cache" section) offer the caches
+        of `registry.STEP_CACHES`. Upstream accepts a First-Block Cache multiplier only from
+        `first_block_cache_thresholds`: the speed multipliers, which `set_cache_parameters` maps."""
+        return {
+            "tea_cache": "tea" in STEP_CACHES,
+            "first_block_cache": "first_block" in STEP_CACHES,
+            "skip_steps_multiplier_choices": multiplier_choices(),
+            "first_block_cache_thresholds": list(SPEED_MULTIPLIERS),
+            "skip_steps_cache_choices": menu_choices(),  # this app's menu
         }
+
+    @staticmethod
+    def set_cache_parameters(cache_type: str, base_model_type: str, model_def: dict, inputs: dict,
+                             skip_steps_cache) -> None:
+        """Upstream Wan2GP, before a generation with a step cache: fills its `skip_steps_cache` object
+        (which it then sets as `transformer.cache`, read by `generate`) with the threshold of the chosen speed
+        multiplier, TeaCache's published coefficients, and the start as a percentage (so it counts the steps
+        that actually run)."""
+        kind = STEP_CACHES.get(cache_type)
+        if kind is None:
+            raise ValueError(f"Anima has no step cache '{cache_type}'; choose one of: {', '.join(STEP_CACHES)}.")
+        skip_steps_cache.threshold = kind.threshold(float(skip_steps_cache.multiplier))
+        if cache_type == "tea":
+            skip_steps_cache.coefficients = list(TEACACHE_COEFFICIENTS)
+        skip_steps_cache.start_step_perc = float(inputs.get("skip_steps_start_step_perc") or 0)
 
     @staticmethod
     def register_lora_cli_args(parser, lora_root: str) -> None:
@@ -267,6 +296,21 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             return "Shift must be above 0 (Anima's default is 3)."
         if int(inputs.get("num_inference_steps", 1)) < 1:
             return "Anima needs at least 1 sampling step."
+        return family_handler.validate_step_cache(inputs)
+
+    @staticmethod
+    def validate_step_cache(inputs: dict) -> str | None:
+        cache_type = inputs.get("skip_steps_cache_type") or ""
+        if not cache_type:
+            return None
+        if cache_type not in STEP_CACHES:
+            return f"Anima has no step cache '{cache_type}'; choose one of: {', '.join(STEP_CACHES)}."
+        kind, multiplier = STEP_CACHES[cache_type], inputs.get("skip_steps_multiplier")
+        try:
+            kind.threshold(float(multiplier))
+        except (TypeError, ValueError):
+            choices = ", ".join(f"{m:g}" for m in kind.thresholds)
+            return f"{kind.label} has no speed multiplier {multiplier!r}: choose one of {choices}."
         return None
 
     @staticmethod

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling, schedulers
+from . import sampling, schedulers, step_cache
 from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT
 from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher
@@ -180,7 +180,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                  loras: LoraRequest | None = None, lora_dir: str | os.PathLike | None = None,
                  offloadobj=None, scheduler: str | None = None, cfg_truncation: float | None = None,
                  custom_settings: dict | None = None, loras_slists: dict | None = None,
-                 **kwargs) -> dict[str, Tensor | int] | None:
+                 skip_steps_cache_type: str | None = None, skip_steps_multiplier: float | None = None,
+                 skip_steps_start_step_perc: float | None = None, **kwargs) -> dict[str, Tensor | int] | None:
         """Generate `batch_size` images; Wan2GP's keyword arguments (others are accepted and ignored).
 
         input_prompt / n_prompt: positive and negative prompt (ComfyUI weight syntax; `<lora:name:0.8>`
@@ -202,9 +203,13 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             current LoRAs as they are. offloadobj: mmgp's offload object (wgp passes it); it unloads the
             models before LoRA weights change. loras_slists: upstream Wan2GP's per-step multipliers of the
             LoRAs it loaded through mmgp (applied with its own helpers when it has them).
+        skip_steps_cache_type: "tea" (TeaCache) or "first_block" (First-Block Cache) skips DiT evaluations that
+            would change little ("" : off); skip_steps_multiplier: its speed multiplier (1.5 .. 2.5);
+            skip_steps_start_step_perc: no skipping in that first percentage of the steps (step_cache.py).
+            None: upstream Wan2GP's settings in `transformer.cache`, if it set them.
 
-        Returns {"x": images [3, B, H, W] uint8 on the CPU (`comfyui_pixels`), "seed": the first seed}, or
-        None when `_interrupt` was set.
+        Returns {"x": images [3, B, H, W] uint8 on the CPU (`comfyui_pixels`), "seed": the first seed, and
+        with a step cache "step_cache": what it skipped}, or None when `_interrupt` was set.
         """
         check_image_size(width, height)
         if batch_size < 1:
@@ -224,26 +229,31 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             encoded = [self._encode(p) for p in prompts]  # the text encoder first, then the adapter (in the DiT)
             self._release_text_encoder()
             cond, *uncond = [self._context(e) for e in encoded]
+            cache_run = self._step_cache_run(skip_steps_cache_type, skip_steps_multiplier, skip_steps_start_step_perc)
             denoise = self._denoiser(cond, uncond[0] if uncond else None, guide_scale, joint_pass,
-                                     sampling.cfg_cutoff_sigma(sigmas, cfg_truncation))
+                                     sampling.cfg_cutoff_sigma(sigmas, cfg_truncation), cache_run)
             lora_step = self._lora_step_setter(loras_slists, len(sigmas) - 1)
-            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step)
+            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step,
+                                   cache_run)
         except _Interrupted:
             return None
         # the VAE decodes image by image, so each image is decoded exactly as it would be alone
         images = self.vae.decode(_exact(latents), tile_size=vae_tile_pixels(VAE_tile_size))  # [B, 3, H, W]
-        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed}
+        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed} | self._step_cache_report(cache_run)
 
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
                 height: int, shift: float, callback: Callable | None,
-                lora_step: Callable[[int], None] | None = None) -> Tensor:
+                lora_step: Callable[[int], None] | None = None,
+                cache_run: step_cache.StepCacheRun | None = None) -> Tensor:
         """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
         per-step noise from generators seeded `seeds + 1` and Brownian trees seeded `seeds` (ComfyUI's CPU
         convention), Wan2GP callbacks. `lora_step(i)` runs before step i (upstream's per-step LoRA
-        multipliers)."""
+        multipliers); `cache_run` hears of each step and its report goes with the step's callback."""
         shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
         x = sampling.start_latents(sampling.seeded_randn(seeds, shape).to(self.device), sigmas)
         noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
+        if cache_run is not None:
+            cache_run.start(len(sigmas) - 1)
         if callback is not None:
             callback(-1, None, True, override_num_inference_steps=len(sigmas) - 1)
         if lora_step is not None:
@@ -251,7 +261,10 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
 
         def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
             if callback is not None:
-                callback(i, x0[:, :, 0].transpose(0, 1), False)  # [16, B, h, w]: images on the frame axis
+                extra = {} if cache_run is None else {"denoising_extra": cache_run.step_report(i)}
+                callback(i, x0[:, :, 0].transpose(0, 1), False, **extra)  # [16, B, h, w]: images on the frame axis
+            if cache_run is not None:
+                cache_run.begin_step(i + 1)
             if lora_step is not None and i + 1 < len(sigmas) - 1:
                 lora_step(i + 1)
 
@@ -265,24 +278,29 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             raise _Interrupted
 
     def _denoiser(self, cond: Tensor, uncond: Tensor | None, guide_scale: float, joint_pass: bool,
-                  cfg_cutoff: float | None = None) -> sampling.Denoiser:
+                  cfg_cutoff: float | None = None,
+                  cache_run: step_cache.StepCacheRun | None = None) -> sampling.Denoiser:
         """denoise(x, sigma) -> guided x0 for a batch x [B, 16, 1, h, w], with ComfyUI's arithmetic:
         x0 = x - v * sigma per pass, then x0_u + (x0_c - x0_u) * scale; at sigmas <= cfg_cutoff the
         positive pass alone.
 
         The DiT runs image by image (with its CFG pair batched), so image i of a batch computes exactly
-        what it computes alone: a matrix product of another batch size may round differently."""
-        def dit(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-            return self.transformer(x, t, context).float()  # v in fp32, as ComfyUI takes the model output
+        what it computes alone: a matrix product of another batch size may round differently. With a
+        step cache, each image's cond and uncond passes have their own cache state."""
+        def dit(x: Tensor, t: Tensor, context: Tensor, keys: tuple) -> Tensor:
+            if cache_run is None:
+                return self.transformer(x, t, context).float()  # v in fp32, as ComfyUI takes the model output
+            return self.transformer(x, t, context, step_cache=cache_run.rows(keys)).float()
 
-        def denoise_one(x: Tensor, t: Tensor, sigma: Tensor, guided: bool) -> Tensor:  # x [1, 16, 1, h, w]
+        def denoise_one(x: Tensor, t: Tensor, sigma: Tensor, guided: bool, image: int) -> Tensor:  # x [1, 16, 1, h, w]
             if not guided:
-                return x - dit(x, t, cond) * sigma
+                return x - dit(x, t, cond, ((image, "cond"),)) * sigma
             if joint_pass and cond.shape == uncond.shape:
                 # uncond first, as ComfyUI batches them
-                v_u, v_c = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+                v_u, v_c = dit(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]),
+                               ((image, "uncond"), (image, "cond"))).chunk(2)
             else:  # contexts longer than 512 tokens cannot be zero-padded to match: padding changes attention
-                v_c, v_u = dit(x, t, cond), dit(x, t, uncond)
+                v_c, v_u = dit(x, t, cond, ((image, "cond"),)), dit(x, t, uncond, ((image, "uncond"),))
             x0_c, x0_u = x - v_c * sigma, x - v_u * sigma
             return x0_u + (x0_c - x0_u) * guide_scale
 
@@ -290,12 +308,33 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             t = _exact(sigma.reshape(1))  # [1] sigma: the DiT's timestep
             guided = uncond is not None and (cfg_cutoff is None or float(sigma) > cfg_cutoff)
             outs = []
-            for one in x.split(1):
+            for image, one in enumerate(x.split(1)):
                 self._check_interrupt()
-                outs.append(denoise_one(one, t, sigma, guided))
+                outs.append(denoise_one(one, t, sigma, guided, image))
             return torch.cat(outs)
 
         return denoise
+
+    # ------------------------------------------------------------------------------------- step cache
+
+    def _step_cache_run(self, cache_type: str | None, multiplier: float | None,
+                        start_step_perc: float | None) -> step_cache.StepCacheRun | None:
+        """A fresh cache state for this generation: from the keyword arguments, or when they are None from
+        upstream Wan2GP's `transformer.cache`; None when no cache is on."""
+        if cache_type is None:
+            settings = step_cache.host_cache_settings(getattr(self.transformer, "cache", None))
+        else:
+            settings = step_cache.cache_settings(cache_type, multiplier, start_step_perc)
+        return None if settings is None else step_cache.StepCacheRun(settings)
+
+    def _step_cache_report(self, cache_run: step_cache.StepCacheRun | None) -> dict[str, str]:
+        """{"step_cache": the run's summary} (and upstream Wan2GP's counters, which it prints), or {}."""
+        if cache_run is None:
+            return {}
+        host_cache = getattr(self.transformer, "cache", None)
+        if host_cache is not None:
+            host_cache.skipped_steps, host_cache.num_steps = cache_run.skipped_steps, cache_run.num_steps
+        return {"step_cache": cache_run.summary()}
 
     # ------------------------------------------------------------------------------------------- text
 

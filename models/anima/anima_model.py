@@ -27,6 +27,7 @@ from shared.attention import pay_attention
 from .diffusers_format import is_diffusers_folder, read_diffusers_dit
 from .lora import to_mmgp_lora_state_dict
 from .quant import comfy_quant_state_dict, quantize_weight
+from .step_cache import CachedRows
 from .weights import (WeightsError, load_module_strict, open_state_dict, require_kind, required_shape,
                       save_state_dict, strip_prefix)
 
@@ -329,8 +330,8 @@ class Block(nn.Module):
         """x [B, L, D] residual stream (fp32 when computing in fp16); emb [B, 1, D] and adaln_lora
         [B, 1, 3D] in the compute dtype; context [B, N, Dctx]."""
         compute_dtype = emb.dtype
-        shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
-        h = self.self_attn(_modulate(x, shift, scale).to(compute_dtype), rope=rope)
+        modulated, gate = self.self_attn_input(x, emb, adaln_lora)
+        h = self.self_attn(modulated.to(compute_dtype), rope=rope)
         x = torch.addcmul(x, gate, h)
 
         shift, scale, gate = (self.adaln_modulation_cross_attn(emb) + adaln_lora).chunk(3, dim=-1)
@@ -340,6 +341,13 @@ class Block(nn.Module):
         shift, scale, gate = (self.adaln_modulation_mlp(emb) + adaln_lora).chunk(3, dim=-1)
         h = self.mlp(_modulate(x, shift, scale).to(compute_dtype))
         return torch.addcmul(x, gate, h)
+
+
+    def self_attn_input(self, x: Tensor, emb: Tensor, adaln_lora: Tensor) -> tuple[Tensor, Tensor]:
+        """(the modulated self-attention input norm(x) * (1 + scale) + shift [B, L, D], its gate [B, 1, D]);
+        block 0's is also TeaCache's signature (step_cache.py)."""
+        shift, scale, gate = (self.adaln_modulation_self_attn(emb) + adaln_lora).chunk(3, dim=-1)
+        return _modulate(x, shift, scale), gate
 
 
 class FinalLayer(nn.Module):
@@ -367,21 +375,25 @@ class MiniTrainDIT(nn.Module):
         self.t_embedding_norm = nn.RMSNorm(d, eps=NORM_EPS)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.final_layer = FinalLayer(cfg)
+        # upstream Wan2GP's step-cache settings (its `skip_steps_cache` object), set by wgp before generating;
+        # `generate` reads them (step_cache.host_cache_settings)
+        self.cache = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.t_embedding_norm.weight.dtype
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, step_cache: CachedRows | None = None) -> Tensor:
         """Flow velocity for noisy latents.
 
         x [B, C, T, H, W] latents (any T, H, W >= 1); timesteps [B] sigma in [0, 1] (1 = pure noise);
         context [B, N, Dctx] (N >= 512, from `preprocess_text_embeds`). Returns v [B, C, T, H, W] in
         x's dtype (an image given as [B, C, H, W] gets [B, C, H, W] back). Computes in the weights'
-        dtype; with fp16 weights the residual stream stays fp32.
+        dtype; with fp16 weights the residual stream stays fp32. step_cache: the step-skipping cache bound
+        to this call's rows (step_cache.py); None runs every block.
         """
         if x.dim() == 4:
-            return self.forward(x[:, :, None], timesteps, context)[:, :, 0]
+            return self.forward(x[:, :, None], timesteps, context, step_cache)[:, :, 0]
         cfg, dtype = self.config, self.compute_dtype
         out_dtype, (_, _, t, h, w) = x.dtype, x.shape
         x = self._pad_to_patches(x.to(dtype))
@@ -398,8 +410,11 @@ class MiniTrainDIT(nn.Module):
 
         if dtype == torch.float16:
             x = x.float()  # the residual stream overflows fp16; attention and MLP still run in fp16
-        for block in self.blocks:
-            x = block(x, emb, context, rope, adaln_lora)
+        if step_cache is None:
+            for block in self.blocks:
+                x = block(x, emb, context, rope, adaln_lora)
+        else:
+            x = step_cache.run_blocks(self.blocks, x, emb, context, rope, adaln_lora)
         x = self.final_layer(x, emb, adaln_lora)  # [B, L, ps*ps*pt*C]
         return self._unpatchify(x, tp, hp, wp)[:, :, :t, :h, :w].to(out_dtype)
 

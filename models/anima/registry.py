@@ -1,4 +1,4 @@
-"""The samplers and schedulers Anima offers, by name: the one registry of each.
+"""The samplers, schedulers and step caches Anima offers, by name: the one registry of each.
 
 Torch-free on purpose: the handler (imported by every host at start-up) and the app's `--help` list these
 names without importing torch. Each entry names its implementation, a function of `sampling.py` or
@@ -6,11 +6,12 @@ names without importing torch. Each entry names its implementation, a function o
 fails at import, not at generation time.
 
 Adding a sampler is one function in `sampling.py` and one line in `SAMPLERS`; a scheduler, one function in
-`schedulers.py` and one line in `SCHEDULERS`.
+`schedulers.py` and one line in `SCHEDULERS`. The step caches' rules live in `step_cache.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_SHIFT = 3.0  # ComfyUI's sampling_settings for Anima
@@ -87,3 +88,54 @@ def canonical_scheduler(name: str) -> str:
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}.")
     return name
+
+
+# ---------------------------------------------------------------------------------------------- step caches
+
+# Published for Anima (checkpoints.md §4), highest power first: p(d) = 16.44 d^4 - 21.14 d^3 + ... + 0.0863.
+TEACACHE_COEFFICIENTS = (16.440769544691957, -21.14123745515793, 13.006701290921894, -1.6731977662609427,
+                         0.08632681059623949)
+# Wan2GP's "Skip Steps Cache Global Acceleration" choices (its default is 1.75).
+SPEED_MULTIPLIERS = (1.5, 1.75, 2.0, 2.25, 2.5)
+DEFAULT_MULTIPLIER = 1.75
+
+
+@dataclass(frozen=True)
+class StepCacheKind:
+    name: str  # Wan2GP's skip_steps_cache_type
+    label: str  # for menus and reports
+    # speed multiplier -> threshold of the skip rule
+    thresholds: Mapping[float, float]
+    head_blocks: int  # blocks that always run before the decision (0: TeaCache, 1: First-Block Cache)
+    # the reference is the previous evaluation's signature (TeaCache) or the last full one's (FBC)
+    reference_every_call: bool
+
+    def threshold(self, multiplier: float) -> float:
+        """The threshold for a speed multiplier; ValueError naming the choices."""
+        for speed, threshold in self.thresholds.items():
+            if abs(float(multiplier) - speed) < 1e-9:
+                return threshold
+        choices = ", ".join(f"{m:g}" for m in self.thresholds)
+        raise ValueError(f"{self.label} has no speed multiplier {multiplier!r}: choose one of {choices}.")
+
+
+# TeaCache: the published guidance is 0.05 (stays close to the uncached image) to 0.20 (Forge: 72% of the
+# passes skipped at 32 steps), 0.15 the community default; x1.5 .. x2.5 map linearly onto 0.05 .. 0.15.
+# First-Block Cache: upstream Wan2GP's map from these multipliers to thresholds (its MiniMax H3 FBC).
+# Both want calibrating on real Anima weights (bench/cache.py measures what each gives).
+STEP_CACHES: dict[str, StepCacheKind] = {k.name: k for k in (
+    StepCacheKind("tea", "TeaCache", dict(zip(SPEED_MULTIPLIERS, (0.05, 0.075, 0.10, 0.125, 0.15))),
+                  head_blocks=0, reference_every_call=True),
+    StepCacheKind("first_block", "First-Block Cache", dict(zip(SPEED_MULTIPLIERS, (0.06, 0.08, 0.10, 0.12, 0.14))),
+                  head_blocks=1, reference_every_call=False),
+)}
+OFF_LABEL = "Off"
+
+
+def menu_choices() -> list[tuple[str, str]]:
+    """[(label, skip_steps_cache_type)] for the cache menu, "Off" first."""
+    return [(OFF_LABEL, ""), *((kind.label, kind.name) for kind in STEP_CACHES.values())]
+
+
+def multiplier_choices() -> list[tuple[str, float]]:
+    return [(f"x{m:g} (about {m:g} times faster)", m) for m in SPEED_MULTIPLIERS]
