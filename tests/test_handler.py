@@ -152,7 +152,7 @@ def test_the_architecture_has_a_definition_of_its_own_name():
     assert all(d["model"]["architecture"] == "anima" for d in definitions.values())
     base = definitions["anima"]
     assert base["model"]["name"] == "Anima Base v1.0"
-    assert base["model"]["URLs"] == [f"{HUB}/diffusion_models/anima-base-v1.0.safetensors"]
+    assert base["model"]["URLs"][0] == f"{HUB}/diffusion_models/anima-base-v1.0.safetensors"  # bf16 first
     assert (base["resolution"], base["num_inference_steps"], base["guidance_scale"]) == ("1024x1024", 30, 4.0)
     names = [d["model"]["name"] for d in definitions.values()]
     assert len(names) == len(set(names))  # no model listed twice

@@ -368,7 +368,7 @@ def test_finetunes_override_or_add_definitions_and_bad_ones_are_warned_about(tmp
         {"model": {"name": "Anima Reuse", "architecture": "anima", "URLs": "anima_turbo_v1_1"}}))
     registry = ModelRegistry([family_handler], [ROOT / "defaults"], finetunes_dirs=[finetunes])
     assert registry.entry("anima").name == "My Base" and registry.factory_settings("anima")["num_inference_steps"] == 12
-    assert registry.entry("anima").definition["URLs"] == [f"{HUB}/diffusion_models/anima-base-v1.0.safetensors"]
+    assert registry.entry("anima").definition["URLs"][0] == f"{HUB}/diffusion_models/anima-base-v1.0.safetensors"
     assert registry.entry("my_anima").definition["URLs"] == [str(dit)]
     assert registry.entry("reuse").definition["URLs"][0].endswith("anima-turbo-v1.1.safetensors")
     warnings = "\n".join(registry.warnings)
