@@ -173,7 +173,8 @@ def _run_one(item: _Checked, total: int, runtime: Runtime, out: TextIO, err: Tex
 
     with contextlib.redirect_stdout(err):
         runtime.load(task.model_type)  # before the bar, so loading messages stay readable
-        with tqdm(total=task["num_inference_steps"], unit="step", file=err, leave=False,
+        # mininterval=0: a step takes long enough that every one may redraw the bar, and its report shows
+        with tqdm(total=task["num_inference_steps"], unit="step", file=err, leave=False, mininterval=0,
                   desc=f"[{item.number}/{total}]") as bar:
             def advance(info: StepInfo) -> None:
                 bar.total = info.total
