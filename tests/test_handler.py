@@ -54,6 +54,7 @@ def test_default_settings_on_an_empty_dict():
         "image_mode": 1, "resolution": "1024x1024", "batch_size": 1, "num_inference_steps": 30,
         "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde",
         "negative_prompt": "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia",
+        "denoising_strength": 0.7, "masking_strength": 1.0, "model_mode": 0,
     }
 
 

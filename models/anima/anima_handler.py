@@ -45,6 +45,38 @@ RGB_FACTORS = [
     [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
 ]
 RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+# Image inputs (wan2gp_image_inputs.md §2): upstream Wan2GP's grey fill of outpainted margins (its 127.5 default
+# as it stores it, 127) and the margins' quantum (8x VAE, 2x2 patches).
+INPAINT_COLOR = "7F7F7F"
+IMAGE_TO_IMAGE_CHOICES = [
+    ("No Control Image", ""),
+    ("Image to Image guided by Text Prompt", "GUV"),
+    ("Image to Image Restricted to the Area of the Mask", "GVA"),
+]
+MASKED_DENOISING = "Masked Denoising : Inpainted area may reuse some content that has been masked"
+DEFAULT_DENOISING_STRENGTH = 0.7
+
+
+def image_input_model_def() -> dict:
+    """The model-definition keys that make upstream Wan2GP show Anima's image inputs: the "Image
+    Inpainting" tab, the control image (img2img through the letters GUV / GVA), the image editor's mask,
+    the Denoising Strength, Masking Strength and Expand / Shrink Mask sliders, and outpainting in the
+    inpainting tab (`generate` does the masked denoising; wgp resizes, pads and fills)."""
+    return {
+        "inpaint_support": True,
+        "inpaint_video_prompt_type": "VAG",  # with G: the Denoising Strength slider works in the inpainting tab
+        "image_video_prompt_type": "",  # no reference images
+        "custom_denoising_strength": True,  # no "denoising starts at step k" notice: all the steps run (ComfyUI)
+        "inpaint_color": INPAINT_COLOR,
+        "video_guide_outpainting": [2],
+        "outpainting_quantize_margins": SIZE_MULTIPLE,
+        "model_modes": {"choices": [(MASKED_DENOISING, 0)], "default": 0, "label": "Inpainting Method",
+                        "image_modes": [2]},
+        # declaring a guide choice also makes the Denoising and Mask sliders render (their visibility rule)
+        "guide_custom_choices_image": {"choices": [list(c) for c in IMAGE_TO_IMAGE_CHOICES], "letters_filter": "GUVA",
+                                       "default": "", "label": "Image to Image", "show_label": False},
+        "mask_preprocessing": {"selection": ["", "A"], "visible": False},
+    }
 
 
 def find_component(model_files: list[str], file_name: str, hub_folder: str) -> str:
@@ -110,6 +142,7 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "image_batch_size_max": 16,
             "inference_steps": True,
             "profile_type": "image",
+            **image_input_model_def(),
         }
 
     @staticmethod
@@ -202,13 +235,17 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "flow_shift": DEFAULT_SHIFT,
             "sample_solver": DEFAULT_SOLVER,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            "denoising_strength": DEFAULT_DENOISING_STRENGTH,
+            "masking_strength": 1.0,
+            "model_mode": 0,
         })
 
     @staticmethod
     def fix_settings(base_model_type: str, settings_version: float, model_def: dict, ui_defaults: dict) -> None:
-        """Image mode always; a sampler under an alias ("euler_a") becomes its listed name, one unknown to
-        Anima (e.g. from another model's settings) the default."""
-        ui_defaults["image_mode"] = 1
+        """Image mode always (1 text / image to image, 2 inpainting); a sampler under an alias ("euler_a")
+        becomes its listed name, one unknown to Anima (e.g. from another model's settings) the default."""
+        if ui_defaults.get("image_mode") not in (1, 2):
+            ui_defaults["image_mode"] = 1
         solver = ui_defaults.get("sample_solver")
         solver = SAMPLER_ALIASES.get(solver, solver)
         ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SOLVER

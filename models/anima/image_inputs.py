@@ -100,6 +100,7 @@ def image_guide(input_frames: Tensor | None, input_masks: Tensor | None, denoisi
                          "resize the source image to the output size first.")
     if pixels.min() < -1.0 or pixels.max() > 1.0:
         raise ValueError("input_frames must hold pixels in [-1, 1].")
+    pixels = comfyui_input_pixels(pixels)
     mask = None
     if input_masks is not None and "U" not in (video_prompt_type or ""):
         mask = _as_image(input_masks, 1, "input_masks")
@@ -110,6 +111,14 @@ def image_guide(input_frames: Tensor | None, input_masks: Tensor | None, denoisi
         if not bool(mask.any()):
             mask = None
     return ImageGuide(pixels, mask, denoise, masking)
+
+
+def comfyui_input_pixels(pixels: Tensor) -> Tensor:
+    """8-bit pixels in [-1, 1] with ComfyUI's arithmetic (LoadImage's x / 255, VAEEncode's 2x - 1): hosts
+    make the guide from 8-bit images but divide differently (upstream Wan2GP: x / 127.5 - 1), which can
+    differ in the last bit, so the pixels are read back to 8 bits first and every host encodes the same."""
+    levels = ((pixels + 1.0) * 127.5).round()  # [0, 255]
+    return levels / 255.0 * 2.0 - 1.0
 
 
 # ------------------------------------------------------------------------------------------- schedule
