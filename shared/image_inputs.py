@@ -34,7 +34,6 @@ MASK_THRESHOLD = 127.5  # upstream's cv2.threshold(mask, 127.5, 255)
 EXPAND_PASSES = 3  # upstream's iterations of cv2.dilate / cv2.erode
 OUTPAINT_FILL = 127  # upstream's grey (its 127.5 default stored in uint8), the family's inpaint_color 7F7F7F
 MAX_OUTPAINT_PERCENT = 100  # upstream's sliders
-MIN_SOURCE_SIDE = 16  # pixels the source keeps on the canvas
 
 
 # --------------------------------------------------------------------------------------- settings rules
@@ -117,8 +116,8 @@ def _open(path: str | Path, what: str) -> Image.Image:
     except FileNotFoundError:
         raise ValueError(f"{what}: no such file: {path}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        why = "not an image" if isinstance(e, UnidentifiedImageError) else f"cannot be read ({e})"
-        raise ValueError(f"{what}: {path} is {why}: give a PNG, JPEG or WebP picture.") from None
+        why = "is not an image" if isinstance(e, UnidentifiedImageError) else f"cannot be read ({e})"
+        raise ValueError(f"{what}: {path} {why}: give a PNG, JPEG or WebP picture.") from None
 
 
 def image_size(path: str | Path, what: str = "image_guide") -> tuple[int, int]:
@@ -193,7 +192,8 @@ class Placement:
 
 def _quantize_axis(before: int, inner: int, total: int, quantum: int) -> tuple[int, int]:
     """Margins before and after the source rounded to multiples of `quantum`, keeping at least one quantum
-    of source (upstream's `_quantize_outpainting_axis`); returns (inner, before)."""
+    of source, so the source always keeps 16 pixels (upstream's `_quantize_outpainting_axis`); returns
+    (inner, before)."""
     after = total - before - inner
     before = max(0, int(round(before / quantum) * quantum))
     after = max(0, int(round(after / quantum) * quantum))
@@ -257,11 +257,7 @@ def prepare(values: Mapping[str, Any], width: int, height: int) -> PreparedInput
     notices = []
     masked = "A" in letters and "U" not in letters
     margins = outpainting_margins(values.get("video_guide_outpainting")) if masked else None
-    place = (outpaint_placement(width, height, margins) if margins else Placement(width, height, 0, 0))
-    if min(place.width, place.height) < MIN_SOURCE_SIDE:
-        raise ValueError(f"video_guide_outpainting {values['video_guide_outpainting']!r} leaves the source only "
-                         f"{place.width}x{place.height} pixels of the {width}x{height} canvas: use smaller margins "
-                         "or a larger resolution.")
+    place = outpaint_placement(width, height, margins) if margins else Placement(width, height, 0, 0)
     source = open_image(guide)
     inner = (place.width, place.height)
     if source.size != inner:
