@@ -151,7 +151,7 @@ class SettingControls:
         for setting in group.settings:
             if setting.ui is None:
                 continue
-            if setting.ui in self.WIDE or setting.key == "seed":
+            if setting.ui in self.WIDE or setting.key in ("seed", HIRES_SCALE_KEY):
                 flush()
                 self._make(setting, model_type)
             else:
@@ -173,8 +173,8 @@ class SettingControls:
                                          gr.Button("Last used", size="sm", elem_id="last-seed"))
         elif s.ui == "number" and s.key == HIRES_SCALE_KEY:
             with gr.Row(equal_height=True):
-                self.hires_toggle = gr.Checkbox(label="Hires fix", value=False, scale=1, min_width=110,
-                                                elem_id="hires-toggle")
+                self.hires_toggle = gr.Checkbox(label="Hires fix", value=False, scale=1, min_width=120,
+                                                elem_id="hires-toggle", info="a second, upscaled pass")
                 self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, scale=3, **common)
         elif s.ui == "number":
             self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, **common)
@@ -186,7 +186,7 @@ class SettingControls:
         elif s.ui == "mask":  # painted with a white brush on the source image (the "image" setting before it)
             self.components[s.key] = gr.ImageEditor(
                 type="filepath", image_mode="RGBA", sources=[], layers=False, transforms=(), format="png",
-                brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed", default_size=24), eraser=gr.Eraser(),
+                brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed", default_size="auto"), eraser=gr.Eraser(),
                 height=360, **common)
         elif s.ui == "loras":
             self.components[s.key] = gr.Dropdown(multiselect=True, max_choices=MAX_UI_LORAS, **common)

@@ -15,7 +15,7 @@ import wgp
 from shared import image_inputs
 from shared.images import a1111_parameters, parse_a1111_parameters, read_image_metadata
 from shared.settings import ModelRegistry, SettingsError, resolve_task
-from shared.settings_schema import guide_letters
+from shared.settings_schema import SETTINGS, guide_letters
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "anima_preview"
@@ -355,3 +355,46 @@ def test_cli_hires_fix_makes_the_upscaled_image(capsys, ckpts, tmp_path):
         parameters = fields(im.info["parameters"])
     assert {k: parameters[k] for k in ("Hires upscale", "Denoising strength", "Hires steps", "Hires upscaler")} == {
         "Hires upscale": "1.5", "Denoising strength": "0.5", "Hires steps": "1", "Hires upscaler": "Lanczos"}
+
+
+# ------------------------------------------------------------------------------------------------ the UI
+
+
+def test_the_ui_only_takes_uploads_and_results_and_restores_only_kept_files(tmp_path, monkeypatch):
+    from shared import ui
+
+    uploads, outputs = tmp_path / "gradio", tmp_path / "outputs"
+    uploads.mkdir()
+    monkeypatch.setattr(ui, "gradio_upload_folder", lambda: str(uploads))
+    inputs = ui.UploadedInputs(outputs)
+    upload = picture(uploads / "a.png")
+    kept = inputs.keep(upload)
+    assert Path(kept).parent == (outputs / "inputs").resolve() and Path(kept).read_bytes() == Path(upload).read_bytes()
+    assert inputs.keep(upload) == kept and inputs.keep(kept) == kept  # kept once, by content
+    secret = picture(tmp_path / "elsewhere.png")
+    with pytest.raises(ui.gr.Error, match="Only an uploaded image or one of the results"):
+        inputs.keep(secret)
+    assert not inputs.served(secret) and not inputs.served(str(tmp_path / "missing.png"))
+    settings = {"image_guide": secret, "image_mask": kept, "prompt": "x"}
+    notices = inputs.only_kept(settings, SETTINGS)
+    assert settings["image_guide"] is None and settings["image_mask"] == kept and notices == [
+        "image_guide not restored: only images uploaded here can be used; upload it again."]
+    assert inputs.shown(secret) is None and inputs.editor_value(secret, None) is None
+
+
+def test_a_painted_mask_is_the_strokes_opacity_at_the_source_size(tmp_path, monkeypatch):
+    from shared import ui
+
+    monkeypatch.setattr(ui, "gradio_upload_folder", lambda: str(tmp_path))
+    inputs = ui.UploadedInputs(tmp_path / "outputs")
+    source = inputs.keep(picture(tmp_path / "s.png", size=(64, 48)))
+    layer = Image.new("RGBA", (128, 96), (255, 255, 255, 0))  # the editor's canvas at twice the size
+    layer.paste((255, 255, 255, 255), (64, 0, 128, 96))
+    layer.save(tmp_path / "layer.png")
+    mask = inputs.painted_mask({"background": source, "layers": [str(tmp_path / "layer.png")]}, source)
+    grey = np.asarray(Image.open(mask))
+    assert grey.shape == (48, 64) and grey[:, 36:].min() == 255 and grey[:, :29].max() == 0  # Lanczos edge
+    Image.new("RGBA", (64, 48), (0, 0, 0, 0)).save(tmp_path / "blank.png")
+    assert inputs.painted_mask({"layers": [str(tmp_path / "blank.png")]}, source) is None
+    shown = inputs.editor_value(source, mask)
+    assert shown["background"] == source and np.asarray(Image.open(shown["layers"][0]).getchannel("A"))[0, 40] == 255
