@@ -316,3 +316,37 @@ def test_image_inputs_do_not_depend_on_the_default_device(model):
 def test_masked_steps_round_up():
     assert [image_inputs.masked_steps(4, m) for m in (0.0, 0.1, 0.25, 0.26, 1.0)] == [0, 1, 1, 2, 4]
     assert image_inputs.masked_steps(3, 1 / 3) == math.ceil(3 * (1 / 3))
+
+
+def test_img2img_keeps_upstreams_lora_steps_on_the_full_schedule(model, monkeypatch):
+    import sys
+    import types
+
+    updates, steps = [], []
+    helpers = types.SimpleNamespace(update_loras_slists=lambda trans, slists, n: updates.append(n))
+    mmgp_offload = types.SimpleNamespace(set_step_no_for_lora=lambda trans, i: steps.append(i))
+    monkeypatch.setitem(sys.modules, "shared.utils.loras_mutipliers", helpers)
+    monkeypatch.setitem(sys.modules, "mmgp", types.SimpleNamespace(offload=mmgp_offload))
+    monkeypatch.setitem(sys.modules, "mmgp.offload", mmgp_offload)
+    monkeypatch.setattr(model.transformer, "_loras_model_data", {}, raising=False)
+    run(model, sampling_steps=4, input_frames=source_image(), denoising_strength=0.5, loras_slists={"phase1": []},
+        hires_scale=1.25, hires_steps=2, hires_denoise=0.5)
+    # 4 steps of an 8-step schedule (steps 4-7), then the hires pass: 2 steps of a 4-step schedule (2-3)
+    assert updates == [8, 4] and steps == [4, 5, 6, 7, 2, 3]
+
+
+def test_the_model_definition_shows_upstreams_image_inputs():
+    model_def = family_handler.query_model_def("anima", {})
+    assert model_def["inpaint_support"] is True and model_def["inpaint_video_prompt_type"] == "VAG"
+    assert model_def["video_guide_outpainting"] == [2] and model_def["outpainting_quantize_margins"] == 16
+    assert model_def["model_modes"]["image_modes"] == [2] and model_def["model_modes"]["default"] == 0
+    # a guide choice makes upstream render the Denoising / Mask sliders; its letters are the two img2img modes
+    choices = model_def["guide_custom_choices_image"]
+    assert [letters for _, letters in choices["choices"]] == ["", "GUV", "GVA"] and choices["letters_filter"] == "GUVA"
+    assert model_def["inpaint_color"] == "7F7F7F" and model_def["custom_denoising_strength"] is True
+    settings = {"image_mode": 2, "sample_solver": "euler"}
+    family_handler.fix_settings("anima", 2.74, model_def, settings)
+    assert settings["image_mode"] == 2  # the inpainting tab is kept
+    settings = {"image_mode": 0}
+    family_handler.fix_settings("anima", 2.74, model_def, settings)
+    assert settings["image_mode"] == 1
