@@ -223,6 +223,7 @@ def resolve_task(
         return f"{where}: {message}" if where else str(message)
 
     task = _unwrap(task, where or "task")
+    task = _with_custom_settings(task, registry.schema)
     defaults = dict(defaults or {})
     chosen = task.get("model_type") or task.get("base_model_type") or defaults.get("model_type") or model_type
     if not chosen:
@@ -231,7 +232,7 @@ def resolve_task(
         settings = registry.factory_settings(str(chosen))
     except SettingsError as e:
         raise SettingsError(located(e)) from None
-    known = set(settings) | {"base_model_type"} | registry.schema.extra_json_keys()
+    known = set(settings) | {"base_model_type", "custom_settings"} | registry.schema.extra_json_keys()
     unknown = sorted(k for k in task if k not in known)
     settings.update({k: v for k, v in defaults.items() if k in registry.schema})
     settings.update({k: v for k, v in task.items() if k in registry.schema})
@@ -249,6 +250,15 @@ def resolve_task(
         shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
         warnings.append(located(f"ignored unknown setting(s): {shown}"))
     return clean, warnings
+
+
+def _with_custom_settings(task: dict[str, Any], schema: Schema) -> dict[str, Any]:
+    """Upstream Wan2GP keeps a family's own settings in `custom_settings` ({id: value}); the ones that are
+    settings here (e.g. the hires fix) count as if given at the top level, which wins."""
+    custom = task.get("custom_settings")
+    if not isinstance(custom, Mapping):
+        return task
+    return {**{k: v for k, v in custom.items() if k in schema}, **task}
 
 
 def _check_recorded_files(task: Mapping[str, Any], schema: Schema, warnings: list[str]) -> None:

@@ -182,7 +182,8 @@ def test_denoise_one_without_a_mask_is_text_to_image(model):
 def test_img2img_runs_the_steps_it_reports_from_the_noised_source(model, monkeypatch):
     calls = []
     forward = model.transformer.forward
-    monkeypatch.setattr(model.transformer, "forward", lambda x, t, c, **kw: calls.append((x, t)) or forward(x, t, c, **kw))
+    monkeypatch.setattr(model.transformer, "forward",
+                        lambda x, t, c, **kw: calls.append((x, t)) or forward(x, t, c, **kw))
     recorder = Recorder(model, monkeypatch)
     pixels = source_image()
     out = run(model, input_frames=pixels, denoising_strength=0.5, sample_solver="euler", callback=recorder)
@@ -218,7 +219,8 @@ def test_outside_a_hard_mask_the_final_latent_is_the_source(model, monkeypatch, 
 def test_masking_strength_keeps_the_unmasked_area_for_its_first_steps_only(model, monkeypatch):
     calls = []
     forward = model.transformer.forward
-    monkeypatch.setattr(model.transformer, "forward", lambda x, t, c, **kw: calls.append(x[:1].clone()) or forward(x, t, c, **kw))
+    monkeypatch.setattr(model.transformer, "forward",
+                        lambda x, t, c, **kw: calls.append(x[:1].clone()) or forward(x, t, c, **kw))
     pixels, steps = source_image(), 6
     run(model, input_frames=pixels, input_masks=right_half_mask(), denoising_strength=1.0, masking_strength=0.5,
         sampling_steps=steps, sample_solver="euler")
@@ -344,6 +346,9 @@ def test_the_model_definition_shows_upstreams_image_inputs():
     choices = model_def["guide_custom_choices_image"]
     assert [letters for _, letters in choices["choices"]] == ["", "GUV", "GVA"] and choices["letters_filter"] == "GUVA"
     assert model_def["inpaint_color"] == "7F7F7F" and model_def["custom_denoising_strength"] is True
+    hires = {s["id"]: s for s in model_def["custom_settings"]}  # upstream's custom slots, read by generate()
+    assert set(hires) == {"hires_scale", "hires_denoise", "hires_steps"} and hires["hires_scale"]["default"] == 1.0
+    assert all({"min", "max", "inc"} <= set(s) for s in hires.values())  # upstream renders them as sliders
     settings = {"image_mode": 2, "sample_solver": "euler"}
     family_handler.fix_settings("anima", 2.74, model_def, settings)
     assert settings["image_mode"] == 2  # the inpainting tab is kept

@@ -124,7 +124,8 @@ def test_outpainting_places_the_source_where_upstream_does(canvas, margins, plac
 
 def test_the_mask_is_grown_and_shrunk_as_opencv_does_it():
     # cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    assert image_inputs.ellipse_kernel(4).astype(int).tolist() == [[0, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
+    assert image_inputs.ellipse_kernel(4).astype(int).tolist() == [
+        [0, 0, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert image_inputs.ellipse_kernel(6).astype(int).tolist() == [
         [0, 0, 0, 1, 0, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1],
         [0, 1, 1, 1, 1, 1]]
@@ -179,6 +180,12 @@ def test_settings_that_cannot_run_are_clear_errors(registry, tmp_path, settings,
     settings = {k: files.get(v, v) if isinstance(v, str) else v for k, v in settings.items()}
     with pytest.raises(SettingsError, match=message):
         task(registry, resolution="64x48", **settings)
+
+
+def test_upstreams_custom_settings_fill_the_hires_settings(registry):
+    clean, warnings = task(registry, custom_settings={"hires_scale": 1.5, "hires_steps": 3, "other": 1})
+    assert (clean["hires_scale"], clean["hires_steps"], warnings) == (1.5, 3, [])
+    assert task(registry, hires_scale=1.25, custom_settings={"hires_scale": 1.5})[0]["hires_scale"] == 1.25
 
 
 def test_files_a_task_will_not_use_are_named(registry, tmp_path):

@@ -55,13 +55,23 @@ IMAGE_TO_IMAGE_CHOICES = [
 ]
 MASKED_DENOISING = "Masked Denoising : Inpainted area may reuse some content that has been masked"
 DEFAULT_DENOISING_STRENGTH = 0.7
+# The hires fix as upstream Wan2GP's per-model custom settings (generate() reads them from `custom_settings`).
+HIRES_CUSTOM_SETTINGS = [
+    {"id": "hires_scale", "name": "Hires upscale", "label": "Hires Fix Upscale (1 = off; Lanczos, then denoised again)",
+     "type": "float", "default": 1.0, "min": 1.0, "max": 4.0, "inc": 0.05},
+    {"id": "hires_denoise", "name": "Hires denoise", "label": "Hires Fix Denoising Strength", "type": "float",
+     "default": 0.5, "min": 0.0, "max": 1.0, "inc": 0.01},
+    {"id": "hires_steps", "name": "Hires steps", "label": "Hires Fix Steps (0 = as many as the first pass)",
+     "type": "int", "default": 0, "min": 0, "max": 100, "inc": 1},
+]
 
 
 def image_input_model_def() -> dict:
     """The model-definition keys that make upstream Wan2GP show Anima's image inputs: the "Image
     Inpainting" tab, the control image (img2img through the letters GUV / GVA), the image editor's mask,
-    the Denoising Strength, Masking Strength and Expand / Shrink Mask sliders, and outpainting in the
-    inpainting tab (`generate` does the masked denoising; wgp resizes, pads and fills)."""
+    the Denoising Strength, Masking Strength and Expand / Shrink Mask sliders, outpainting in the
+    inpainting tab (`generate` does the masked denoising; wgp resizes, pads and fills), and the hires fix
+    as custom settings."""
     return {
         "inpaint_support": True,
         "inpaint_video_prompt_type": "VAG",  # with G: the Denoising Strength slider works in the inpainting tab
@@ -76,6 +86,7 @@ def image_input_model_def() -> dict:
         "guide_custom_choices_image": {"choices": [list(c) for c in IMAGE_TO_IMAGE_CHOICES], "letters_filter": "GUVA",
                                        "default": "", "label": "Image to Image", "show_label": False},
         "mask_preprocessing": {"selection": ["", "A"], "visible": False},
+        "custom_settings": [dict(setting) for setting in HIRES_CUSTOM_SETTINGS],
     }
 
 
