@@ -68,6 +68,8 @@ def check_tasks(args: argparse.Namespace, registry: ModelRegistry, runtime: Runt
             for warning in warnings:
                 print(f"warning: {warning}", file=err)
             runtime.loras(task)
+            for notice in runtime.image_inputs(task).notices:
+                print(f"note: {where + ': ' if where else ''}{notice}", file=err)
         except (SettingsError, ValueError) as e:
             message = str(e) if not where or str(e).startswith(where) else f"{where}: {e}"
             checked.append(_Checked(where, number, error=message))

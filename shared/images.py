@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import ExifTags, Image, PngImagePlugin
 
 from shared.settings import new_file_mode
-from shared.settings_schema import SETTINGS, Schema, SettingsError
+from shared.settings_schema import SETTINGS, Schema, Setting, SettingsError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -146,12 +146,19 @@ def parse_a1111_parameters(text: str, schema: Schema = SETTINGS) -> tuple[dict[s
     settings: dict[str, Any] = {"prompt": "\n".join(prompt_lines).strip()}
     if in_negative:
         settings["negative_prompt"] = "\n".join(negative_lines).strip()
-    by_label = {s.a1111: s for s in schema if s.a1111 and s.a1111 != _NEGATIVE}
+    by_label: dict[str, list[Setting]] = {}
+    for s in schema:
+        if s.a1111 and s.a1111 != _NEGATIVE:
+            by_label.setdefault(s.a1111, []).append(s)
+    fields = _A1111_PARAM.findall(params_line)
+    shared = [(label, raw) for label, raw in fields if len(by_label.get(label, ())) > 1]
     warnings = []
-    for label, raw in _A1111_PARAM.findall(params_line):
-        setting = by_label.get(label)
-        if setting is None:
+    # labels of one setting first: a shared label goes to the setting that applies given the others
+    for label, raw in [f for f in fields if f not in shared] + shared:
+        candidates = by_label.get(label)
+        if not candidates:
             continue
+        setting = next((c for c in candidates if c.a1111_applies(settings)), candidates[0])
         try:
             value = json.loads(raw) if raw.startswith('"') else raw.strip()
             settings[setting.key] = setting.parse(value)

@@ -20,11 +20,13 @@ import torch
 from torch import Tensor
 
 from shared.files import DownloadError, fetch_model_files, is_prequantized, missing_model_files
+from shared.image_inputs import PreparedInputs
+from shared.image_inputs import prepare as prepare_image_inputs
 from shared.images import a1111_parameters, check_output_dir, image_stem, save_image, tensor_to_pil
 from shared.licenses import License, LicenseNotAccepted, LicenseStore, license_of
 from shared.loras import TaskLora, lora_short_hash, task_loras
 from shared.offload import PROFILE_NAMES, auto_profile, offload_pipe
-from shared.settings import ModelRegistry, Task
+from shared.settings import ModelRegistry, Task, parse_resolution
 
 APP_VERSION = "AnimaGP"
 RANDOM_SEED_MAX = 999_999_999  # Wan2GP's range for seed -1
@@ -181,15 +183,23 @@ class Runtime:
         self.log(f"{license.text()}\nAccepted with --accept-license (remembered; not asked again).")
         self.accept_license(license)
 
-    def check(self, task: Task) -> None:
-        """Everything about `task` that can fail before generating: its LoRA files, the output folder, a
-        licence to accept before its weights are downloaded. Raises a USER_ERRORS exception that says what
-        to fix."""
+    def check(self, task: Task) -> list[str]:
+        """Everything about `task` that can fail before generating: its LoRA files, its source image and
+        mask, the output folder, a licence to accept before its weights are downloaded. Raises a USER_ERRORS
+        exception that says what to fix; returns notices about the image inputs (what will be resized or
+        dropped)."""
         self.loras(task)
+        notices = list(self.image_inputs(task).notices)
         check_output_dir(self.options.output_dir)
         license = self.license_to_accept(task.model_type)
         if license is not None:
             raise LicenseNotAccepted(license)
+        return notices
+
+    def image_inputs(self, task: Task) -> PreparedInputs:
+        """The task's source image and mask as `generate()` takes them (shared/image_inputs.py)."""
+        width, height = parse_resolution(task["resolution"], 1)
+        return prepare_image_inputs(task.values, width, height)
 
     def loras(self, task: Task) -> tuple[str, list[TaskLora]]:
         """(prompt without LoRA tags, the task's LoRA files)."""
@@ -288,7 +298,7 @@ class Runtime:
             model._interrupt = True
 
         reporter = _StepReporter(task["num_inference_steps"], on_step, stop)
-        try:
+        try:  # the notices of the image inputs were shown when the task was checked
             out = model.generate(**self.generate_kwargs(task, prompt, loras, reporter))
         finally:
             if self._loaded.offload is not None:
@@ -308,16 +318,19 @@ class Runtime:
                                   f"{NON_FINITE_HINT}.")
         return self._save_all(images, task, prompt, loras, on_saved)
 
-    def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable) -> dict[str, Any]:
+    def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable,
+                        inputs: PreparedInputs | None = None) -> dict[str, Any]:
         """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2): the schema's
-        mapping of every setting, with the prompt's LoRA tags already turned into files."""
+        mapping of every setting, with the prompt's LoRA tags already turned into files and the source image
+        and mask turned into tensors (`inputs`, prepared here when not given)."""
         kwargs = task.schema.generate_kwargs(task.values)
         kwargs.update(
             input_prompt=prompt, loras=[(str(lora.path), lora.strength) for lora in loras],
             lora_dir=str(self.lora_dir(task.model_type)), callback=callback,
             model_type=self.registry.entry(task.model_type).base_model_type,
-            VAE_tile_size=None, joint_pass=True, image_mode=1, frame_num=1,
+            VAE_tile_size=None, joint_pass=True, frame_num=1,
         )
+        kwargs.update((inputs or self.image_inputs(task)).kwargs)
         return kwargs
 
     def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],

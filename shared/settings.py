@@ -25,7 +25,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from shared.settings_schema import MAX_SEED, SETTINGS, Rule, Schema, SettingsError, parse_resolution
+from shared import image_inputs
+from shared.settings_schema import MAX_SEED, SETTINGS, Rule, Schema, SettingsError, file_sha256, parse_resolution
 
 SETTINGS_VERSION = 2.74  # the Wan2GP settings version these keys follow (nothing to migrate)
 _TASK_WRAPPER_KEYS = {"id", "params", "plugin_data"}  # Wan2GP queue entries wrap settings in "params"
@@ -287,11 +288,16 @@ def _check_task(clean: Mapping[str, Any]) -> None:
                             f"of at most {MAX_SEED - clean['batch_size'] + 1}.")
 
 
-def validate_settings(entry: ModelEntry, settings: Mapping[str, Any], schema: Schema = SETTINGS) -> Task:
+def validate_settings(entry: ModelEntry, settings: Mapping[str, Any], schema: Schema = SETTINGS,
+                      notices: list[str] | None = None) -> Task:
     """The typed Task for `settings` (every schema key must be present), or a SettingsError saying what is
-    wrong: each value is checked against the rule the schema and the model's definition give it."""
+    wrong: each value is checked against the rule the schema and the model's definition give it. Notes on
+    settings that will not be used are appended to `notices`."""
     clean = {s.key: s.clean(settings.get(s.key), s.rule(entry.definition)) for s in schema}
     _check_task(clean)
+    notes = image_inputs.settle(clean)
+    if notices is not None:
+        notices.extend(notes)
     if hasattr(entry.handler, "validate_generative_settings"):
         plain = {k: list(v) if isinstance(v, tuple) else v for k, v in clean.items()}
         problem = entry.handler.validate_generative_settings(entry.model_type, entry.definition,
@@ -322,6 +328,7 @@ def resolve_task(
         return f"{where}: {message}" if where else str(message)
 
     task = _unwrap(task, where or "task")
+    task = _with_custom_settings(task, registry.schema)
     defaults = dict(defaults or {})
     chosen = task.get("model_type") or task.get("base_model_type") or defaults.get("model_type") or model_type
     if not chosen:
@@ -330,19 +337,48 @@ def resolve_task(
         settings = registry.factory_settings(str(chosen))
     except SettingsError as e:
         raise SettingsError(located(e)) from None
-    known = set(settings) | {"base_model_type"} | registry.schema.extra_json_keys()
+    known = set(settings) | {"base_model_type", "custom_settings"} | registry.schema.extra_json_keys()
     unknown = sorted(k for k in task if k not in known)
     settings.update({k: v for k, v in defaults.items() if k in registry.schema})
     settings.update({k: v for k, v in task.items() if k in registry.schema})
-    try:
-        clean = validate_settings(registry.entry(str(chosen)), settings, registry.schema)
-    except SettingsError as e:
-        raise SettingsError(located(e)) from None
     warnings = []
+    try:
+        _check_recorded_files(task, registry.schema, warnings)
+        if "resolution" not in task and "resolution" not in defaults and settings.get("image_guide"):
+            settings["resolution"] = image_inputs.native_resolution(settings["image_guide"],
+                                                                    settings.get("video_guide_outpainting"))
+        clean = validate_settings(registry.entry(str(chosen)), settings, registry.schema, warnings)
+    except (SettingsError, ValueError) as e:
+        raise SettingsError(located(e)) from None
+    warnings = [located(w) for w in warnings]
     if unknown:
         shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
         warnings.append(located(f"ignored unknown setting(s): {shown}"))
     return clean, warnings
+
+
+def _with_custom_settings(task: dict[str, Any], schema: Schema) -> dict[str, Any]:
+    """Upstream Wan2GP keeps a family's own settings in `custom_settings` ({id: value}); the ones that are
+    settings here (e.g. the hires fix) count as if given at the top level, which wins."""
+    custom = task.get("custom_settings")
+    if not isinstance(custom, Mapping):
+        return task
+    return {**{k: v for k, v in custom.items() if k in schema}, **task}
+
+
+def _check_recorded_files(task: Mapping[str, Any], schema: Schema, warnings: list[str]) -> None:
+    """A task re-made from an image's settings names its files with their SHA-256 (`<key>_sha256`): a file
+    that is gone is a clear error, one that changed a warning."""
+    for setting in schema:
+        recorded, path = task.get(f"{setting.key}_sha256"), task.get(setting.key)
+        if setting.type != "file" or not recorded or not path:
+            continue
+        if not Path(path).is_file():
+            raise SettingsError(f"{setting.key}: {path} is missing; these settings were made from that file "
+                                f"(SHA-256 {str(recorded)[:16]}...): put it back, or choose another file.")
+        if file_sha256(path) != recorded:
+            warnings.append(f"{setting.key} {path} has changed since these settings were made (its SHA-256 "
+                            "differs), so the result will differ")
 
 
 def load_tasks_file(path: str | os.PathLike) -> list[Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ DEFAULT_BATCH_SIZE_MAX = 16
 MAX_SIDE = 4096
 MAX_SEED = 2**32 - 1
 VALUE_TYPES = ("text", "int", "float", "resolution", "names", "numbers", "file")
-UI_KINDS = ("textbox", "number", "dropdown", "resolution", "image", "loras", "strengths")
+# "mask": an editor painting on the "image" setting before it (white brush = repaint)
+UI_KINDS = ("textbox", "number", "dropdown", "resolution", "image", "loras", "strengths", "mask")
 _RESOLUTION = re.compile(r"^\s*(\d+)\s*[xX×*]\s*(\d+)\s*$")
 
 
@@ -156,8 +158,9 @@ class Setting:
     metavar: str | None = None
     prompt_options: tuple[str, ...] = ()  # prompt-file options, e.g. ("s",) for `--s 30`; resolution: (w, h)
     a1111: str | None = None  # A1111 infotext label, e.g. "Steps"
-    a1111_unless_default: bool = False  # leave the A1111 field out while the value is `default` (an "off" value)
-    a1111_if: str | None = None  # key of a setting that must be set (not empty) for this one to be written
+    # written only when this holds for the image's settings (None: whenever it has a value); two settings may
+    # share a label when at most one applies to any image, and reading picks the one that applies
+    a1111_when: Callable[[Mapping[str, Any]], bool] | None = None
     ui: str | None = "number"  # one of UI_KINDS; None: not in the UI
     ui_step: float | None = None
     ui_lines: int = 1
@@ -241,7 +244,7 @@ class Setting:
             raise SettingsError(f"{key} must be a file path, got {value!r}.")
         if not Path(value).is_file():
             raise SettingsError(f"{key}: no such file: {value}")
-        return str(value)
+        return os.path.abspath(value)  # the settings saved with an image name it from anywhere
 
     def _choose(self, value: Any, rule: Rule, numeric: float | None = None) -> Any:
         for label, choice in rule.choices:
@@ -262,13 +265,12 @@ class Setting:
         return _plain(value) if isinstance(value, float) else str(value)
 
     def in_a1111(self, value: Any, settings: Mapping[str, Any]) -> bool:
-        """Whether the A1111 text records this value among `settings`: not an empty value, nor `default` for
-        an "off" setting, nor a setting whose `a1111_if` setting is off."""
-        if not self.a1111 or value in (None, "", (), []):
-            return False
-        if self.a1111_if and not settings.get(self.a1111_if):
-            return False
-        return not (self.a1111_unless_default and value == self.default)
+        """Whether the A1111 text records this value among `settings`: a labelled setting with a value, whose
+        `a1111_when` holds (e.g. CFG truncation only when it is on, the hires fields only with a hires pass)."""
+        return bool(self.a1111) and value not in (None, "", (), []) and self.a1111_applies(settings)
+
+    def a1111_applies(self, settings: Mapping[str, Any]) -> bool:
+        return self.a1111_when is None or bool(self.a1111_when(settings))
 
     def json_extras(self, value: Any) -> dict[str, Any]:
         """Extra JSON entries recorded beside the value: a file's SHA-256, so a re-make can tell it changed."""
@@ -400,7 +402,8 @@ SCHEDULER_SETTINGS = (
             cli="--scheduler", metavar="NAME", a1111="Schedule type", ui="dropdown",
             help="sigma schedule (ComfyUI's names)", kwarg="scheduler"),
     Setting(key="cfg_truncation_perc", type="float", default=100.0, label="CFG on the first % of steps", low=0,
-            high=100, cli="--cfg-truncation", metavar="PERCENT", a1111="CFG truncation", a1111_unless_default=True,
+            high=100, cli="--cfg-truncation", metavar="PERCENT", a1111="CFG truncation",
+            a1111_when=lambda settings: float(settings.get("cfg_truncation_perc", 100.0)) != 100.0,
             ui_step=5, help="apply CFG only in this first percentage of the steps, the later ones run the positive "
             "prompt alone (faster); 100 = every step", kwarg=lambda value: {"cfg_truncation": value / 100}),
 )
@@ -411,8 +414,105 @@ LORA_SETTINGS = (
     Setting(key="loras_multipliers", type="numbers", default="", label="LoRA strengths",
             cli="--lora-multipliers", ui="strengths", help="one strength per --lora, space separated (default 1)"),
 )
-# Image inputs (guide image, mask, denoising / masking strength, outpainting, hires) go here.
-IMAGE_INPUT_SETTINGS: tuple[Setting, ...] = ()
+# Image inputs, under Wan2GP's keys (guide image, mask, denoising / masking strength, outpainting), and the hires pass.
+
+
+def outpainting_margins(text: Any) -> tuple[int, int, int, int] | None:
+    """Wan2GP's `video_guide_outpainting` "top bottom left right" (whole percentages of the source) as a
+    tuple; None when off ("", "#..." or all zero). Only well-formed text reaches here (the pattern)."""
+    text = str(text or "").strip()
+    if not text or text.startswith("#"):
+        return None
+    margins = tuple(int(v) for v in text.split())
+    return margins if any(margins) and len(margins) == 4 else None
+
+
+def guide_letters(settings: Mapping[str, Any]) -> str:
+    """Wan2GP's `video_prompt_type` letters of a task: as given, or when empty, chosen from its files:
+    a source image alone is image to image ("GUV"), with a mask, outpainting or image_mode 2 it is
+    inpainting ("VAG"); without a source image, none."""
+    letters = str(settings.get("video_prompt_type") or "")
+    if letters or not settings.get("image_guide"):
+        return letters
+    try:
+        margins = outpainting_margins(settings.get("video_guide_outpainting"))
+    except ValueError:
+        margins = None
+    masked = settings.get("image_mask") or margins or str(settings.get("image_mode")) == "2"
+    return "VAG" if masked else "GUV"
+
+
+def _guided(settings: Mapping[str, Any]) -> bool:
+    return bool(settings.get("image_guide")) and "V" in guide_letters(settings)
+
+
+def _denoised_guide(settings: Mapping[str, Any]) -> bool:
+    return _guided(settings) and "G" in guide_letters(settings)
+
+
+def _masked(settings: Mapping[str, Any]) -> bool:
+    letters = guide_letters(settings)
+    return _guided(settings) and "A" in letters and "U" not in letters
+
+
+def _hires(settings: Mapping[str, Any]) -> bool:
+    try:
+        return float(settings.get("hires_scale") or 1) > 1
+    except (TypeError, ValueError):
+        return False
+
+
+IMAGE_INPUT_SETTINGS = (
+    Setting(key="image_guide", type="file", default=None, label="Source image", cli="--image",
+            ui="image", help="image to image: start from this picture (resized to the output size; "
+            "without --resolution the output takes its size)"),
+    Setting(key="image_mask", type="file", default=None, label="Mask (white = repaint)", cli="--mask", ui="mask",
+            help="inpainting: repaint the white area of this mask of the source image, keep the black"),
+    Setting(key="denoising_strength", type="float", default=1.0, label="Denoising strength", low=0, high=1,
+            cli="--denoise", a1111="Denoising strength", a1111_when=_denoised_guide, ui_step=0.01,
+            help="how much of the source image is redrawn: 0 keeps it, 1 starts from pure noise (default 0.7)",
+            kwarg="denoising_strength"),
+    Setting(key="masking_strength", type="float", default=1.0, label="Masking strength", low=0, high=1,
+            ui_step=0.01, cli="--masking-strength",
+            help="keep the unmasked area during this fraction of the steps (lower: more freedom)",
+            kwarg="masking_strength"),
+    Setting(key="mask_expand", type="int", default=0, label="Expand / shrink mask (px)", low=-64, high=64,
+            cli="--mask-expand", ui_step=1, help="grow (or, negative, shrink) the mask by about 3x this many pixels"),
+    Setting(key="mask_blur", type="int", default=0, label="Mask blur (px)", low=0, high=64, cli="--mask-blur",
+            a1111="Mask blur", a1111_when=_masked, ui_step=1, help="soften the mask's edge (Gaussian, pixels)"),
+    Setting(key="video_guide_outpainting", type="text", default="", label="Outpaint (% top bottom left right)",
+            pattern=r"\s*(#.*)?|\s*\d+\s+\d+\s+\d+\s+\d+\s*", cli="--outpaint", metavar="'T B L R'",
+            pattern_help="four whole percentages of the source 'top bottom left right', e.g. '0 0 25 25'",
+            ui="textbox", help="extend the canvas beyond the source image by these percentages and paint there"),
+    Setting(key="image_mode", type="int", default=1, label="Mode",
+            choices=(("Text / image to image", 1), ("Inpainting", 2)), cli="--image-mode", ui="dropdown",
+            help="Wan2GP's tab: 1 text or image to image, 2 inpainting (a mask or outpainting also means 2)"),
+    Setting(key="video_prompt_type", type="text", default="", label="Guide letters (empty = automatic)",
+            pattern=r"[A-Za-z0-9+#-]*", pattern_help="Wan2GP's letters, e.g. GUV (image to image) or VAG (inpainting)",
+            cli="--guide-letters", metavar="LETTERS", ui="textbox",
+            help="Wan2GP's control letters; empty: GUV for a source image alone, VAG with a mask or outpainting"),
+    Setting(key="hires_scale", type="float", default=1.0, label="Hires fix upscale (1 = off)", low=1, high=4,
+            cli="--hires-scale", a1111="Hires upscale", a1111_when=_hires, ui_step=0.05,
+            help="after generating, upscale by this factor (Lanczos, multiples of 16) and denoise again; "
+            "Anima degrades past about 1.5", kwarg="hires_scale"),
+    Setting(key="hires_denoise", type="float", default=0.5, label="Hires denoise", low=0, high=1,
+            cli="--hires-denoise", a1111="Denoising strength",
+            a1111_when=lambda s: _hires(s) and not _denoised_guide(s), ui_step=0.01,
+            help="denoising strength of the hires pass", kwarg="hires_denoise"),
+    Setting(key="hires_steps", type="int", default=0, label="Hires steps (0 = same)", low=0, high=1000,
+            cli="--hires-steps", a1111="Hires steps", a1111_when=_hires, ui_step=1,
+            help="steps of the hires pass (0: as many as the first pass)", kwarg="hires_steps"),
+    Setting(key="hires_upscaler", type="text", default="Lanczos", label="Hires upscaler",
+            choices=(("Lanczos", "Lanczos"),), cli="--hires-upscaler", a1111="Hires upscaler", a1111_when=_hires,
+            ui="dropdown",
+            help="how the first image is enlarged", kwarg="hires_upscaler"),
+)
+
+
+def _step_cache_on(settings: Mapping[str, Any]) -> bool:
+    return bool(settings.get("skip_steps_cache_type"))
+
+
 # Step-skipping caches, under Wan2GP's keys; the family lists its caches and multipliers in its definition.
 STEP_CACHE_SETTINGS = (
     Setting(key="skip_steps_cache_type", type="text", default="", label="Step cache", choices=(("Off", ""),),
@@ -423,11 +523,11 @@ STEP_CACHE_SETTINGS = (
     Setting(key="skip_steps_multiplier", type="float", default=1.75, label="Step cache speed-up",
             choices=tuple((f"x{m:g}", m) for m in (1.5, 1.75, 2.0, 2.25, 2.5)),
             choices_from="skip_steps_multiplier_choices", cli="--step-cache-speed", a1111="Step cache speed",
-            a1111_if="skip_steps_cache_type", ui="dropdown", kwarg="skip_steps_multiplier",
+            a1111_when=_step_cache_on, ui="dropdown", kwarg="skip_steps_multiplier",
             help="the step cache's target speed-up, e.g. 1.5, 2 or 2.5 (more skips, more change)"),
     Setting(key="skip_steps_start_step_perc", type="int", default=0, label="Step cache starts at (% of steps)",
             low=0, high=100, cli="--step-cache-start", metavar="PERCENT", a1111="Step cache start",
-            a1111_if="skip_steps_cache_type", ui_step=1, kwarg="skip_steps_start_step_perc",
+            a1111_when=_step_cache_on, ui_step=1, kwarg="skip_steps_start_step_perc",
             help="no skipping in this first percentage of the steps (the first and last steps always run)"),
 )
 

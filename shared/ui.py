@@ -11,7 +11,9 @@ from the last-used settings of that model, which are saved at each Generate and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
+import io
 import os
 import sys
 import time
@@ -19,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
+from PIL import Image
 
+from shared import image_inputs
 from shared.cli_args import port_in_use_message, server_port
 from shared.images import latent_preview, read_image_metadata, read_image_settings
 from shared.jobs import Job, JobQueue, Snapshot
@@ -30,6 +35,8 @@ from shared.settings import ModelRegistry, SettingsError, SettingsStore, resolve
 from shared.settings_schema import Setting, SettingGroup
 
 POLL_SECONDS = 0.5
+HIRES_SCALE_KEY = "hires_scale"  # its number box comes with an on / off toggle
+HIRES_ON_SCALE = 1.5  # what turning the toggle on sets (the most the card advises per pass)
 MAX_UI_LORAS = 8  # strength controls shown for the chosen LoRAs
 SHUTDOWN_WAIT_S = 10.0  # on Ctrl-C, how long the running step may take to stop before the process exits
 
@@ -120,7 +127,7 @@ class SettingControls:
     """One UI control per schema setting that has a `ui` kind. `inputs` lists the components in the order
     the event handlers receive their values; `to_settings` and `updates` translate both ways."""
 
-    WIDE = ("textbox", "loras", "strengths", "image")
+    WIDE = ("textbox", "loras", "strengths", "image", "mask")
 
     def __init__(self, app: WebApp):
         self.app = app
@@ -129,6 +136,7 @@ class SettingControls:
         self.components: dict[str, Any] = {}
         self.strengths: list[Any] = []
         self.seed_buttons: tuple[Any, Any] | None = None
+        self.hires_toggle: Any = None
 
     # ------------------------------------------------------------------------------------ building
 
@@ -145,7 +153,7 @@ class SettingControls:
         for setting in group.settings:
             if setting.ui is None:
                 continue
-            if setting.ui in self.WIDE or setting.key == "seed":
+            if setting.ui in self.WIDE or setting.key in ("seed", HIRES_SCALE_KEY):
                 flush()
                 self._make(setting, model_type)
             else:
@@ -165,12 +173,23 @@ class SettingControls:
                 with gr.Column(scale=1, min_width=110, elem_classes="seed-buttons"):
                     self.seed_buttons = (gr.Button("Random", size="sm", elem_id="random-seed"),
                                          gr.Button("Last used", size="sm", elem_id="last-seed"))
+        elif s.ui == "number" and s.key == HIRES_SCALE_KEY:
+            with gr.Row(equal_height=True):
+                self.hires_toggle = gr.Checkbox(label="Hires fix", value=False, scale=1, min_width=120,
+                                                elem_id="hires-toggle", info="a second, upscaled pass")
+                self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, scale=3, **common)
         elif s.ui == "number":
             self.components[s.key] = gr.Number(info=rule.range_text(), step=s.ui_step, **common)
         elif s.ui in ("dropdown", "resolution"):
             self.components[s.key] = gr.Dropdown(allow_custom_value=s.ui == "resolution", **common)
         elif s.ui == "image":
-            self.components[s.key] = gr.Image(type="filepath", sources=["upload"], height=160, **common)
+            self.components[s.key] = gr.Image(type="filepath", sources=["upload", "clipboard"], height=200,
+                                              image_mode=None, **common)
+        elif s.ui == "mask":  # painted with a white brush on the source image (the "image" setting before it)
+            self.components[s.key] = gr.ImageEditor(
+                type="filepath", image_mode="RGBA", sources=[], layers=False, transforms=(), format="png",
+                brush=gr.Brush(colors=["#FFFFFF"], color_mode="fixed", default_size="auto"), eraser=gr.Eraser(),
+                height=360, **common)
         elif s.ui == "loras":
             self.components[s.key] = gr.Dropdown(multiselect=True, max_choices=MAX_UI_LORAS, **common)
         elif s.ui == "strengths":
@@ -194,6 +213,11 @@ class SettingControls:
                 strengths = [next(it) for _ in self.strengths]
                 active = next((settings[o.key] for o in self.settings if o.ui == "loras"), None) or []
                 settings[s.key] = strengths[:len(active)]
+            elif s.ui == "image":
+                settings[s.key] = self.app.inputs.keep(next(it))
+            elif s.ui == "mask":
+                source = next((settings[o.key] for o in self.settings if o.ui == "image"), None)
+                settings[s.key] = self.app.inputs.painted_mask(next(it), source)
             else:
                 settings[s.key] = next(it)
         return settings
@@ -220,6 +244,11 @@ class SettingControls:
                 out.append(gr.update(choices=files, value=[n for n in value or [] if n in files][:MAX_UI_LORAS]))
             elif s.ui == "strengths":
                 out += self.strength_updates(settings)
+            elif s.ui == "image":
+                out.append(self.app.inputs.shown(value))
+            elif s.ui == "mask":
+                source = next((settings.get(o.key) for o in self.settings if o.ui == "image"), None)
+                out.append(self.app.inputs.editor_value(source, value))
             else:
                 out.append(value if value is not None else "")
         return out
@@ -243,6 +272,112 @@ class SettingControls:
             s if isinstance(s, (int, float)) else 1.0 for s in strengths[:len(active or [])]]})
 
 
+class UploadedInputs:
+    """The source images and masks of the UI, kept in `<output folder>/inputs/` under their content's SHA-256
+    (so the settings saved with an image name a file that stays; the same file is kept once).
+
+    A visitor of a `--listen` UI must not name or probe server paths: a file setting only ever holds a
+    file kept here, made from an upload or from one of this app's results (Gradio's upload folder or the
+    output folder); file paths in restored settings are dropped unless they are files kept here."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = Path(output_dir).resolve()
+        self.folder = self.output_dir / "inputs"
+
+    @staticmethod
+    def _inside(path: Path, folder: Path) -> bool:
+        try:
+            return path.resolve().is_relative_to(folder.resolve())
+        except (OSError, ValueError):
+            return False
+
+    def served(self, path: str | None) -> bool:
+        """Whether `path` is a file this app shows: an upload, a result, or Gradio's copy of one."""
+        return bool(path) and Path(path).is_file() and (
+            self._inside(Path(path), Path(gradio_upload_folder())) or self._inside(Path(path), self.output_dir))
+
+    def kept(self, path: str | None) -> bool:
+        return bool(path) and self._inside(Path(path), self.folder) and Path(path).is_file()
+
+    def _store(self, data: bytes, suffix: str) -> str:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
+        if not target.is_file():
+            tmp = target.with_name(f".{target.name}.part")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        return str(target)
+
+    def keep(self, path: str | None) -> str | None:
+        """The kept copy of an uploaded image or of a result (the file's bytes, unchanged)."""
+        if not path:
+            return None
+        if self.kept(path):
+            return str(Path(path).resolve())
+        source = Path(path)
+        if not self.served(path):
+            raise gr.Error("Only an uploaded image or one of the results can be a source image.",
+                           print_exception=False)
+        return self._store(source.read_bytes(), source.suffix.lower() or ".png")
+
+    def painted_mask(self, editor: dict | None, source: str | None) -> str | None:
+        """The mask painted in the editor (the brush strokes' opacity, 255 = repaint) at the source image's
+        size, kept as a PNG; None when nothing is painted."""
+        layers = [layer for layer in (editor or {}).get("layers") or [] if layer]
+        if not source or not layers:
+            return None
+        alpha = None
+        for layer in layers:
+            with Image.open(layer) as im:
+                a = np.asarray(im.convert("RGBA").getchannel("A"))
+            alpha = a if alpha is None else np.maximum(alpha, a)
+        if not alpha.any():
+            return None
+        mask = Image.fromarray(alpha)
+        size = image_inputs.image_size(source)
+        if mask.size != size:
+            mask = mask.resize(size, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        return self._store(buffer.getvalue(), ".png")
+
+    def shown(self, path: str | None) -> str | None:
+        return str(Path(path).resolve()) if self.kept(path) else None
+
+    def editor_value(self, source: str | None, mask: str | None) -> dict | None:
+        """The mask editor showing `source` with `mask` as its white brush layer (None without a source)."""
+        source = self.shown(source)
+        if source is None:
+            return None
+        layers = []
+        if self.shown(mask):
+            alpha = image_inputs.open_mask(mask).resize(image_inputs.image_size(source))
+            layer = Image.new("RGBA", alpha.size, (255, 255, 255, 0))
+            layer.putalpha(alpha)
+            buffer = io.BytesIO()
+            layer.save(buffer, format="PNG")
+            layers = [self._store(buffer.getvalue(), ".png")]
+        return {"background": source, "layers": layers, "composite": None}
+
+    def only_kept(self, settings: dict[str, Any], schema) -> list[str]:
+        """Drops from `settings` every file setting that is not a file kept here; says which."""
+        dropped = []
+        for setting in schema:
+            value = settings.get(setting.key)
+            if setting.type == "file" and value and not self.kept(value):
+                settings[setting.key] = None
+                dropped.append(setting.key)
+        if not dropped:
+            return []
+        return [f"{', '.join(dropped)} not restored: only images uploaded here can be used; upload it again."]
+
+
+def gradio_upload_folder() -> str:
+    from gradio.utils import get_upload_folder
+
+    return get_upload_folder()
+
+
 class WebApp:
     """The UI's event handlers around one registry, runtime, queue and settings store."""
 
@@ -251,6 +386,7 @@ class WebApp:
         self.queue = JobQueue(runtime, preview=self._preview, log=runtime.log)
         self.controls: SettingControls | None = None
         self.first_model: str | None = registry.dit_model_type
+        self.inputs = UploadedInputs(runtime.options.output_dir)
 
     def _preview(self, model_type: str, latent: Any):
         """A step's latents as an image, with the family's latent->RGB factors (None if it has none)."""
@@ -273,6 +409,7 @@ class WebApp:
         settings = self.registry.factory_settings(model_type)
         overlay = restored if restored is not None else (self.store.load(model_type) or {})
         settings.update({k: v for k, v in overlay.items() if k in settings and k != "model_type"})
+        self.inputs.only_kept(settings, self.registry.schema)
         return settings
 
     def field_updates(self, model_type: str, settings: dict[str, Any]) -> list[Any]:
@@ -296,6 +433,7 @@ class WebApp:
             return untouched
         try:
             restored, warnings = read_image_settings(path, self.registry.schema)
+            warnings = warnings + self.inputs.only_kept(restored, self.registry.schema)
             model_type = restored.get("model_type")
             if model_type not in self.registry.model_types:
                 model_type = current_model
@@ -316,14 +454,16 @@ class WebApp:
     def on_generate(self, model_type: str, *values: Any) -> None:
         task_settings = self.controls.to_settings(list(values))
         try:
-            task, _ = resolve_task(self.registry, dict(task_settings, model_type=model_type), where="")
-            self.runtime.check(task)
+            task, warnings = resolve_task(self.registry, dict(task_settings, model_type=model_type), where="")
+            notices = warnings + self.runtime.check(task)
         except LicenseNotAccepted as e:
             message = (f"This model's weights are under the {e.license.name}: read the notice under the model "
                        "picker and press “I accept the licence” to download them.")
             raise gr.Error(message, print_exception=False) from None
         except (SettingsError, ValueError, OSError) as e:
             raise gr.Error(str(e), print_exception=False) from None
+        for notice in notices:
+            gr.Info(notice[0].upper() + notice[1:])
         self.store.save(model_type, task.settings())
         self.queue.submit(task)
 
@@ -359,13 +499,26 @@ class WebApp:
 
     def on_select(self, evt: gr.SelectData) -> tuple[str, str | None]:
         path = (evt.value or {}).get("image", {}).get("path")
-        if not path:
+        if not path or not self.inputs.served(path):  # the event's path comes from the browser
             return "", None
         try:
             parameters = read_image_metadata(path)[1]
         except ValueError:
             parameters = None
         return parameters or "(this image carries no settings)", path
+
+    def on_source_upload(self, path: str | None):
+        """A new source image: kept, shown in the mask editor with no mask yet."""
+        kept = self.inputs.keep(path)
+        return kept, self.inputs.editor_value(kept, None)
+
+    def on_use_as_input(self, path: str | None):
+        """The selected result becomes the source image (its mask editor emptied)."""
+        if not path or not self.inputs.served(path):
+            gr.Warning("Click a result first, then use it as the source image.")
+            return gr.skip(), gr.skip()
+        gr.Info("The result is the source image now (Image input): set a denoising strength, paint a mask.")
+        return self.on_source_upload(path)
 
     def refresh_loras(self, model_type: str):
         """The LoRA choices, re-read from the folder (files added meanwhile); the chosen ones are left alone,
@@ -449,7 +602,9 @@ def _results_panel(app: WebApp, demo: gr.Blocks) -> dict[str, Any]:
     c["details"] = gr.Textbox(label="Image settings (click a result)", lines=3, interactive=False,
                               buttons=["copy"], elem_id="image-details")
     c["selected"] = gr.State(None)
-    c["reuse"] = gr.Button("Use this image's settings", size="sm", elem_id="reuse-btn")
+    with gr.Row():
+        c["reuse"] = gr.Button("Use this image's settings", size="sm", elem_id="reuse-btn")
+        c["use_input"] = gr.Button("Use as source image", size="sm", elem_id="use-input-btn")
     gr.Markdown("### Queue")
     c["queue_items"] = gr.State([])
     with gr.Column(elem_id="queue"):
@@ -502,6 +657,7 @@ def build_ui(app: WebApp) -> gr.Blocks:
         right["clear"].click(app.queue.clear, None, None, show_progress="hidden")
         right["gallery"].select(app.on_select, None, [right["details"], right["selected"]], show_progress="hidden")
         right["reuse"].click(app.on_restore, [right["selected"], model], model_outputs, show_progress="hidden")
+        _wire_image_inputs(app, right)
     return demo
 
 
@@ -514,6 +670,29 @@ def _wire_license_and_negative_prompt(app: WebApp, demo: gr.Blocks, left: dict[s
     if "negative_prompt" in components and "guidance_scale" in components:
         cfg = components["guidance_scale"]
         cfg.change(app.negative_prompt_state, [model, cfg], components["negative_prompt"], show_progress="hidden")
+
+
+def _wire_image_inputs(app: WebApp, right: dict[str, Any]) -> None:
+    """The source image feeds the mask editor; a result can become the source; the hires toggle."""
+    controls = app.controls
+    source = next((controls.components[s.key] for s in controls.settings if s.ui == "image"), None)
+    editor = next((controls.components[s.key] for s in controls.settings if s.ui == "mask"), None)
+    if source is not None and editor is not None:
+        source.upload(app.on_source_upload, source, [source, editor], show_progress="hidden")
+        source.clear(lambda: None, None, editor, show_progress="hidden")
+        right["use_input"].click(app.on_use_as_input, right["selected"], [source, editor], show_progress="hidden")
+    if controls.hires_toggle is not None:
+        scale = controls.components[HIRES_SCALE_KEY]
+        controls.hires_toggle.input(lambda on, value: (value if (value or 1) > 1 else HIRES_ON_SCALE) if on else 1.0,
+                                    [controls.hires_toggle, scale], scale, show_progress="hidden")
+        scale.change(lambda value: _is_above_one(value), scale, controls.hires_toggle, show_progress="hidden")
+
+
+def _is_above_one(value: Any) -> bool:
+    try:
+        return float(value) > 1
+    except (TypeError, ValueError):
+        return False
 
 
 def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) -> None:

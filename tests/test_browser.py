@@ -326,6 +326,68 @@ def test_last_used_settings_come_back_after_a_reload(page, server):
     assert page.input_value("#resolution input") == stored["resolution"]
 
 
+def _open_image_input(page) -> None:
+    if not page.locator("#image_guide").is_visible():
+        page.locator("button", has_text="Image input").first.click()
+    page.locator("#image_guide").wait_for()
+
+
+def test_upload_a_source_paint_a_mask_and_generate(page, server):
+    """Image input: upload a picture, paint the right half of its mask with mouse strokes, generate; the
+    result is made from that source and that mask, both kept and named (with their SHA-256) in its settings."""
+    _clear_loras(page)  # the reloaded page holds the misfit LoRA of the failed task
+    source = server["root"] / "source.png"
+    Image.effect_noise((256, 192), 60).convert("RGB").save(source)  # resized to the output size
+    _set_field(page, "prompt", "1girl, inpainted")
+    _set_field(page, "resolution", "64x48")
+    _set_field(page, "num_inference_steps", 2)
+    _open_image_input(page)
+    page.locator("#image_guide input[type=file]").set_input_files(str(source))
+    page.wait_for_selector("#image_mask canvas")
+    page.wait_for_timeout(1000)  # the editor draws the picture
+    page.locator("#image_mask button[aria-label=Brush]").click()
+    box = page.locator("#image_mask canvas").last.bounding_box()
+    for row in (0.2, 0.5, 0.8):  # three horizontal strokes over the right half
+        page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * row)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.95, box["y"] + box["height"] * row, steps=8)
+        page.mouse.up()
+    page.screenshot(path=str(server["root"] / "mask_painted.png"), full_page=True)
+    before = set(_outputs(server))
+    page.click("#generate-btn")
+    page.wait_for_function("n => document.querySelectorAll('#gallery .thumbnail-item').length >= n",
+                           arg=len(before) + 1)
+    _wait_status(page, "done")
+    [made] = set(_outputs(server)) - before
+    from shared.images import read_image_metadata
+
+    settings, parameters = read_image_metadata(made)
+    assert Path(settings["image_guide"]).read_bytes() == source.read_bytes()  # the upload, unchanged
+    assert settings["image_guide_sha256"] and settings["image_mask_sha256"]
+    with Image.open(settings["image_mask"]) as im:
+        mask = im.convert("L")
+    assert mask.size == (256, 192)  # the source's
+    painted = [x for x in range(256) if any(mask.getpixel((x, y)) > 127 for y in range(0, 192, 4))]
+    assert painted and min(painted) >= 128  # strokes on the right half only (a 25-pixel brush)
+    assert "Denoising strength: 0.7" in parameters and "Mask blur: 0" in parameters
+    with Image.open(made) as im:
+        assert im.size == (64, 48)
+
+
+def test_a_result_becomes_the_source_and_the_hires_toggle_sets_the_scale(page, server):
+    page.locator("#gallery .thumbnail-item").first.click()
+    page.keyboard.press("Escape")
+    page.click("#use-input-btn")
+    _toast(page, "source image now")
+    page.wait_for_function("() => document.querySelector('#image_guide img') !== null")
+    page.click("#hires-toggle input")
+    page.wait_for_function("() => document.querySelector('#hires_scale input').value === '1.5'")
+    page.click("#hires-toggle input")
+    page.wait_for_function("() => document.querySelector('#hires_scale input').value === '1'")
+    page.locator("#image_guide button[aria-label='Remove Image']").click()
+    page.wait_for_function("() => document.querySelector('#image_guide img') === null")
+
+
 def test_server_is_local_only_and_serves_only_the_output_folder(server):
     import psutil
 

@@ -54,6 +54,7 @@ def test_default_settings_on_an_empty_dict():
         "image_mode": 1, "resolution": "1024x1024", "batch_size": 1, "num_inference_steps": 30,
         "guidance_scale": 4.0, "flow_shift": 3.0, "sample_solver": "er_sde", "scheduler": "simple",
         "negative_prompt": "worst quality, low quality, score_1, score_2, score_3, blurry, jpeg artifacts, sepia",
+        "denoising_strength": 0.7, "masking_strength": 1.0, "model_mode": 0,
     }
 
 
@@ -70,7 +71,7 @@ def test_schedulers_and_upstream_custom_settings_come_from_the_registry():
 
     model_def = handler.query_model_def("anima", {})
     assert [v for _, v in model_def["schedulers"]] == list(schedulers.SCHEDULERS)
-    scheduler, truncation = model_def["custom_settings"]  # upstream Wan2GP's per-model settings
+    scheduler, truncation, *hires = model_def["custom_settings"]  # upstream Wan2GP's per-model settings
     assert scheduler["id"] == "scheduler" and scheduler["type"] == "dropdown"
     assert [v for _, v in scheduler["choices"]] == list(schedulers.SCHEDULERS) and scheduler["default"] == "simple"
     assert (truncation["id"], truncation["type"], truncation["min"], truncation["max"], truncation["default"]) == (

@@ -68,6 +68,49 @@ RGB_FACTORS = [
     [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
 ]
 RGB_BIAS = [-0.1835, -0.0868, -0.3360]
+# Image inputs (wan2gp_image_inputs.md §2): upstream Wan2GP's grey fill of outpainted margins (its 127.5 default
+# as it stores it, 127) and the margins' quantum (8x VAE, 2x2 patches).
+INPAINT_COLOR = "7F7F7F"
+IMAGE_TO_IMAGE_CHOICES = [
+    ("No Control Image", ""),
+    ("Image to Image guided by Text Prompt", "GUV"),
+    ("Image to Image Restricted to the Area of the Mask", "GVA"),
+]
+MASKED_DENOISING = "Masked Denoising : Inpainted area may reuse some content that has been masked"
+DEFAULT_DENOISING_STRENGTH = 0.7
+# The hires fix as upstream Wan2GP's per-model custom settings (generate() reads them from `custom_settings`);
+# with the two above they are the five upstream shows (its CUSTOM_SETTINGS_MAX).
+HIRES_CUSTOM_SETTINGS = [
+    {"id": "hires_scale", "name": "Hires upscale", "label": "Hires Fix Upscale (1 = off; Lanczos, then denoised again)",
+     "type": "float", "default": 1.0, "min": 1.0, "max": 4.0, "inc": 0.05},
+    {"id": "hires_denoise", "name": "Hires denoise", "label": "Hires Fix Denoising Strength", "type": "float",
+     "default": 0.5, "min": 0.0, "max": 1.0, "inc": 0.01},
+    {"id": "hires_steps", "name": "Hires steps", "label": "Hires Fix Steps (0 = as many as the first pass)",
+     "type": "int", "default": 0, "min": 0, "max": 100, "inc": 1},
+]
+
+
+def image_input_model_def() -> dict:
+    """The model-definition keys that make upstream Wan2GP show Anima's image inputs: the "Image
+    Inpainting" tab, the control image (img2img through the letters GUV / GVA), the image editor's mask,
+    the Denoising Strength, Masking Strength and Expand / Shrink Mask sliders, outpainting in the
+    inpainting tab (`generate` does the masked denoising; wgp resizes, pads and fills). The hires fix is
+    among `UPSTREAM_CUSTOM_SETTINGS`."""
+    return {
+        "inpaint_support": True,
+        "inpaint_video_prompt_type": "VAG",  # with G: the Denoising Strength slider works in the inpainting tab
+        "image_video_prompt_type": "",  # no reference images
+        "custom_denoising_strength": True,  # no "denoising starts at step k" notice: all the steps run (ComfyUI)
+        "inpaint_color": INPAINT_COLOR,
+        "video_guide_outpainting": [2],
+        "outpainting_quantize_margins": SIZE_MULTIPLE,
+        "model_modes": {"choices": [(MASKED_DENOISING, 0)], "default": 0, "label": "Inpainting Method",
+                        "image_modes": [2]},
+        # declaring a guide choice also makes the Denoising and Mask sliders render (their visibility rule)
+        "guide_custom_choices_image": {"choices": [list(c) for c in IMAGE_TO_IMAGE_CHOICES], "letters_filter": "GUVA",
+                                       "default": "", "label": "Image to Image", "show_label": False},
+        "mask_preprocessing": {"selection": ["", "A"], "visible": False},
+    }
 
 
 def find_component(model_files: list[str], file_name: str, hub_folder: str) -> str:
@@ -134,8 +177,9 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "inference_steps": True,
             "profile_type": "image",
             "schedulers": list(SCHEDULER_CHOICES),
-            "custom_settings": [dict(setting) for setting in UPSTREAM_CUSTOM_SETTINGS],
+            "custom_settings": [dict(setting) for setting in UPSTREAM_CUSTOM_SETTINGS + HIRES_CUSTOM_SETTINGS],
             "license": dict(LICENSE),
+            **image_input_model_def(),
         } | family_handler.step_cache_model_def()
 
     @staticmethod
@@ -257,15 +301,20 @@ class family_handler:  # noqa: N801 (the name Wan2GP looks up)
             "sample_solver": DEFAULT_SAMPLER,
             "scheduler": DEFAULT_SCHEDULER,
             "negative_prompt": DEFAULT_NEGATIVE_PROMPT,
+            "denoising_strength": DEFAULT_DENOISING_STRENGTH,
+            "masking_strength": 1.0,
+            "model_mode": 0,
         })
 
     @staticmethod
     def fix_settings(base_model_type: str, settings_version: float, model_def: dict, ui_defaults: dict) -> None:
-        """Image mode always; a sampler under an alias ("euler_a") becomes its listed name, one unknown to
-        Anima (e.g. from another model's settings) the default, and so does an unknown scheduler. Inside
-        upstream Wan2GP (its settings hold a `custom_settings` dict) the definition's scheduler and CFG
-        truncation become the defaults of those custom settings, so e.g. Turbo opens with its own scheduler."""
-        ui_defaults["image_mode"] = 1
+        """Image mode always (1 text / image to image, 2 inpainting); a sampler under an alias ("euler_a")
+        becomes its listed name, one unknown to Anima (e.g. from another model's settings) the default, and so
+        does an unknown scheduler. Inside upstream Wan2GP (its settings hold a `custom_settings` dict) the
+        definition's scheduler and CFG truncation become the defaults of those custom settings, so e.g. Turbo
+        opens with its own scheduler."""
+        if ui_defaults.get("image_mode") not in (1, 2):
+            ui_defaults["image_mode"] = 1
         solver = ui_defaults.get("sample_solver")
         solver = SAMPLER_ALIASES.get(solver, solver)
         ui_defaults["sample_solver"] = solver if solver in SAMPLERS else DEFAULT_SAMPLER

@@ -16,7 +16,6 @@ leaves torch's default device on CUDA, so nothing may rely on it.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import os
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import sampling, schedulers, step_cache
+from . import image_inputs, sampling, step_cache
 from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT
 from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher
@@ -118,6 +117,12 @@ def _exact(tensor: Tensor) -> Tensor:
     return tensor.double()
 
 
+def _warn_hires_scale(scale: float) -> None:
+    if scale > image_inputs.HIRES_WARN_SCALE:
+        print(f"Hires fix: an upscale of {scale:g}x in one pass; Anima degrades past about "
+              f"{image_inputs.HIRES_WARN_SCALE:g}x per pass (beyond ~1.5 MP), use two passes of at most 1.5x.")
+
+
 class _Interrupted(Exception):
     """Raised inside the sampling loop when `_interrupt` is set; `generate` returns None."""
 
@@ -181,14 +186,19 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                  offloadobj=None, scheduler: str | None = None, cfg_truncation: float | None = None,
                  custom_settings: dict | None = None, loras_slists: dict | None = None,
                  skip_steps_cache_type: str | None = None, skip_steps_multiplier: float | None = None,
-                 skip_steps_start_step_perc: float | None = None, **kwargs) -> dict[str, Tensor | int] | None:
+                 skip_steps_start_step_perc: float | None = None,
+                 input_frames: Tensor | None = None, input_masks: Tensor | None = None,
+                 denoising_strength: float | None = 1.0, masking_strength: float | None = 1.0,
+                 video_prompt_type: str | None = "", hires_scale: float | None = None,
+                 hires_denoise: float | None = None, hires_steps: int | None = None,
+                 hires_upscaler: str | None = None, **kwargs) -> dict[str, Tensor | int] | None:
         """Generate `batch_size` images; Wan2GP's keyword arguments (others are accepted and ignored).
 
         input_prompt / n_prompt: positive and negative prompt (ComfyUI weight syntax; `<lora:name:0.8>`
             tags in the positive prompt activate LoRAs from `lora_dir`). The negative is unused at CFG 1.
         sampling_steps, shift: the schedule; guide_scale: CFG on x0 (1 skips the negative pass).
         sample_solver: a name of `sampling.SAMPLERS` (ComfyUI's; "euler_a" is accepted).
-        scheduler: a name of `schedulers.SCHEDULERS` (default "simple"); cfg_truncation: apply CFG only in
+        scheduler: a name of `registry.SCHEDULERS` (default "simple"); cfg_truncation: apply CFG only in
             that first fraction of the steps, the later ones run the positive prompt alone (default 1:
             every step). Both may also come in `custom_settings` (upstream Wan2GP's per-model settings).
         width, height: pixels, multiples of 16 (anything else raises ValueError).
@@ -196,7 +206,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             tree of the DPM++ SDE samplers: seed + i), as ComfyUI for that image alone (None or negative:
             random). batch_size: number of images.
         callback: Wan2GP's progress callback: `callback(-1, None, True, override_num_inference_steps=N)`
-            once, then `callback(i, x0, False)` after step i with the denoised latents [16, B, h, w].
+            once with N the steps that will actually run (both passes of a hires fix), then
+            `callback(i, x0, False)` after step i with the denoised latents [16, B, h, w].
         VAE_tile_size: decode tile edge in pixels (0 / None: chosen from free memory).
         joint_pass: run the positive and negative passes as one batch (faster, more memory).
         loras: [(file, strength)] to make active (with the prompt's tags); None and no tags leave the
@@ -207,6 +218,18 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             would change little ("" : off); skip_steps_multiplier: its speed multiplier (1.5 .. 2.5);
             skip_steps_start_step_perc: no skipping in that first percentage of the steps (step_cache.py).
             None: upstream Wan2GP's settings in `transformer.cache`, if it set them.
+
+        Image inputs (Wan2GP's kwargs; semantics in image_inputs.py, ComfyUI's):
+        input_frames: the source image [3, 1, H, W] float in [-1, 1] (img2img; shared by the batch), of the
+            output size. input_masks: [1, 1, H, W] in [0, 1], 1 = repaint (inpainting, outpainting); ignored
+            with "U" in video_prompt_type, an all-zero mask is img2img.
+        denoising_strength: ComfyUI's denoise d (1: from pure noise, 0: the source unchanged);
+            masking_strength: the unmasked area is kept in the first ceil(steps * m) steps only.
+        image_mode, outpainting_dims: accepted and ignored (the host has padded the canvas already).
+        hires_scale: run a hires-fix pass (None or 1: none): the decoded images are upscaled with Lanczos by
+            this factor (multiples of 16), then denoised as img2img at hires_denoise (default 0.5) for
+            hires_steps steps (0 / None: sampling_steps). hires_upscaler: "lanczos". Any of these may also
+            come in `custom_settings`.
 
         Returns {"x": images [3, B, H, W] uint8 on the CPU (`comfyui_pixels`), "seed": the first seed, and
         with a step cache "step_cache": what it skipped}, or None when `_interrupt` was set.
@@ -219,50 +242,108 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         scheduler = scheduler or custom_settings.get("scheduler") or DEFAULT_SCHEDULER
         if cfg_truncation is None:
             cfg_truncation = float(custom_settings.get("cfg_truncation", 1.0))
-        sigmas = schedulers.compute_sigmas(scheduler, sampling_steps, shift, solver).to(self.device)
+        guide = image_inputs.image_guide(input_frames, input_masks, denoising_strength, masking_strength,
+                                         video_prompt_type, width, height)
+        hires = image_inputs.hires_pass(*(value if value is not None else custom_settings.get(key) for key, value in (
+            ("hires_scale", hires_scale), ("hires_denoise", hires_denoise), ("hires_steps", hires_steps))),
+            base_steps=sampling_steps, upscaler=hires_upscaler or custom_settings.get("hires_upscaler"))
+        schedule = image_inputs.denoise_schedule(scheduler, sampling_steps, shift, solver,
+                                                 guide.denoise if guide is not None else 1.0)
+        hires_schedule = None
+        if hires is not None:
+            hires_schedule = image_inputs.denoise_schedule(scheduler, hires.steps, shift, solver, hires.denoise)
+            _warn_hires_scale(hires.scale)
         if seed is None or seed < 0:
             seed = secrets.randbelow(MAX_RANDOM_SEED + 1)
         seeds = [seed + i for i in range(batch_size)]
+        tile = vae_tile_pixels(VAE_tile_size)
         try:
             prompt = self._activate_loras(input_prompt, loras, lora_dir, offloadobj)
             prompts = [prompt] if math.isclose(guide_scale, 1.0) else [prompt, n_prompt or ""]
             encoded = [self._encode(p) for p in prompts]  # the text encoder first, then the adapter (in the DiT)
             self._release_text_encoder()
             cond, *uncond = [self._context(e) for e in encoded]
-            cache_run = self._step_cache_run(skip_steps_cache_type, skip_steps_multiplier, skip_steps_start_step_perc)
-            denoise = self._denoiser(cond, uncond[0] if uncond else None, guide_scale, joint_pass,
-                                     sampling.cfg_cutoff_sigma(sigmas, cfg_truncation), cache_run)
-            lora_step = self._lora_step_setter(loras_slists, len(sigmas) - 1)
-            latents = self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step,
-                                   cache_run)
+            if callback is not None:
+                run_steps = schedule.steps + (hires_schedule.steps if hires_schedule is not None else 0)
+                callback(-1, None, True, override_num_inference_steps=run_steps)
+            cache_runs: list[step_cache.StepCacheRun] = []
+
+            def run_pass(schedule: image_inputs.Schedule, source: image_inputs.SourceLatents | None, width: int,
+                         height: int, first_step: int = 0) -> Tensor:
+                sigmas = schedule.sigmas.to(self.device)
+                # each pass its own cache state: the hires pass's DiT inputs have another size
+                cache_run = self._step_cache_run(skip_steps_cache_type, skip_steps_multiplier,
+                                                 skip_steps_start_step_perc)
+                cache_runs.extend([cache_run] if cache_run is not None else [])
+                denoise = self._denoiser(cond, uncond[0] if uncond else None, guide_scale, joint_pass,
+                                         sampling.cfg_cutoff_sigma(sigmas, cfg_truncation), cache_run)
+                lora_step = self._lora_step_setter(loras_slists, schedule.full_steps, schedule.first_step)
+                return self._sample(solver, denoise, sigmas, seeds, width, height, shift, callback, lora_step,
+                                    source=source, first_step=first_step, cache_run=cache_run)
+
+            source = self._guide_source(guide, batch_size, schedule.steps, tile) if guide is not None else None
+            latents = run_pass(schedule, source, width, height)
+            # the VAE decodes image by image, so each image is decoded exactly as it would be alone
+            images = self.vae.decode(_exact(latents), tile_size=tile)  # [B, 3, H, W]
+            if hires is not None:
+                hires_width, hires_height = hires.size(width, height)
+                upscaled = image_inputs.upscale_pixels(comfyui_pixels(images), hires_width, hires_height)
+                source = image_inputs.SourceLatents(self._encode_pixels(upscaled, tile))
+                latents = run_pass(hires_schedule, source, hires_width, hires_height, first_step=schedule.steps)
+                images = self.vae.decode(_exact(latents), tile_size=tile)
         except _Interrupted:
             return None
-        # the VAE decodes image by image, so each image is decoded exactly as it would be alone
-        images = self.vae.decode(_exact(latents), tile_size=vae_tile_pixels(VAE_tile_size))  # [B, 3, H, W]
-        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed} | self._step_cache_report(cache_run)
+        return {"x": comfyui_pixels(images).transpose(0, 1).cpu(), "seed": seed} | self._step_cache_report(cache_runs)
+
+    def _encode_pixels(self, pixels: Tensor, tile: int | None) -> Tensor:
+        """Normalised latents [B, 16, 1, h, w] float32 on the execution device of images [B, 3, H, W] in
+        [-1, 1] (the VAE's posterior mean, image by image)."""
+        self._check_interrupt()
+        return self.vae.encode(_exact(pixels.to(self.device)), tile_size=tile).float()[:, :, None]
+
+    def _guide_source(self, guide: image_inputs.ImageGuide, batch_size: int, steps: int,
+                      tile: int | None) -> image_inputs.SourceLatents | None:
+        """The encoded source image, shared by the batch, with its latent mask kept for the first
+        ceil(steps * masking) of the `steps` run; None when d = 1 without a mask (that run never reads it)."""
+        if not guide.needs_latent:
+            return None
+        latents = self._encode_pixels(guide.pixels, tile)  # [1, 16, 1, h, w]
+        mask = None if guide.mask is None else image_inputs.latent_mask(guide.mask, latents.shape).to(self.device)
+        return image_inputs.SourceLatents(latents.expand(batch_size, *latents.shape[1:]), mask,
+                                          image_inputs.masked_steps(steps, guide.masking))
 
     def _sample(self, solver: str, denoise: sampling.Denoiser, sigmas: Tensor, seeds: list[int], width: int,
                 height: int, shift: float, callback: Callable | None,
-                lora_step: Callable[[int], None] | None = None,
-                cache_run: step_cache.StepCacheRun | None = None) -> Tensor:
+                lora_step: Callable[[int], None] | None = None, source: image_inputs.SourceLatents | None = None,
+                first_step: int = 0, cache_run: step_cache.StepCacheRun | None = None) -> Tensor:
         """Final normalised latents [B, 16, 1, h, w]: start noise from CPU generators seeded `seeds`,
         per-step noise from generators seeded `seeds + 1` and Brownian trees seeded `seeds` (ComfyUI's CPU
-        convention), Wan2GP callbacks. `lora_step(i)` runs before step i (upstream's per-step LoRA
-        multipliers); `cache_run` hears of each step and its report goes with the step's callback."""
+        convention), Wan2GP callbacks (step i reported as `first_step + i`). `lora_step(i)` runs before step
+        i (upstream's per-step LoRA multipliers); `cache_run` hears of each step and its report goes with the
+        step's callback. With a `source`, sampling starts from it noised to the first sigma and its mask is
+        kept during its masked steps; with no sigma to run it is the result."""
+        if len(sigmas) < 2:
+            self._check_interrupt()
+            return source.latents.clone()
         shape = (LATENT_CHANNELS, 1, height // VAE_SCALE, width // VAE_SCALE)
-        x = sampling.start_latents(sampling.seeded_randn(seeds, shape).to(self.device), sigmas)
+        start_noise = sampling.seeded_randn(seeds, shape).to(self.device)
+        x = sampling.start_latents(start_noise, sigmas, None if source is None else source.latents)
         noise = sampling.seeded_noise_source([s + 1 for s in seeds], x)
         if cache_run is not None:
             cache_run.start(len(sigmas) - 1)
-        if callback is not None:
-            callback(-1, None, True, override_num_inference_steps=len(sigmas) - 1)
+        steps_done = 0
+        if source is not None and source.mask is not None:
+            denoise = image_inputs.masked_denoiser(denoise, source.latents, start_noise, source.mask,
+                                                   lambda: steps_done < source.masked_steps)
         if lora_step is not None:
             lora_step(0)
 
         def on_step(i: int, _x: Tensor, x0: Tensor) -> None:
+            nonlocal steps_done
+            steps_done = i + 1
             if callback is not None:
                 extra = {} if cache_run is None else {"denoising_extra": cache_run.step_report(i)}
-                callback(i, x0[:, :, 0].transpose(0, 1), False, **extra)  # [16, B, h, w]: images on the frame axis
+                callback(first_step + i, x0[:, :, 0].transpose(0, 1), False, **extra)  # [16, B, h, w]: images on frames
             if cache_run is not None:
                 cache_run.begin_step(i + 1)
             if lora_step is not None and i + 1 < len(sigmas) - 1:
@@ -327,14 +408,16 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
             settings = step_cache.cache_settings(cache_type, multiplier, start_step_perc)
         return None if settings is None else step_cache.StepCacheRun(settings)
 
-    def _step_cache_report(self, cache_run: step_cache.StepCacheRun | None) -> dict[str, str]:
-        """{"step_cache": the run's summary} (and upstream Wan2GP's counters, which it prints), or {}."""
-        if cache_run is None:
+    def _step_cache_report(self, cache_runs: list[step_cache.StepCacheRun]) -> dict[str, str]:
+        """{"step_cache": the passes' summaries} (and upstream Wan2GP's counters, which it prints), or {}."""
+        if not cache_runs:
             return {}
         host_cache = getattr(self.transformer, "cache", None)
         if host_cache is not None:
-            host_cache.skipped_steps, host_cache.num_steps = cache_run.skipped_steps, cache_run.num_steps
-        return {"step_cache": cache_run.summary()}
+            host_cache.skipped_steps = sum(run.skipped_steps for run in cache_runs)
+            host_cache.num_steps = sum(run.num_steps for run in cache_runs)
+        summaries = [run.summary() for run in cache_runs]
+        return {"step_cache": "; hires pass: ".join(summaries)}
 
     # ------------------------------------------------------------------------------------------- text
 
@@ -370,11 +453,13 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
 
     # ------------------------------------------------------------------------------------------- LoRAs
 
-    def _lora_step_setter(self, loras_slists: dict | None, steps: int) -> Callable[[int], None] | None:
+    def _lora_step_setter(self, loras_slists: dict | None, steps: int,
+                          first_step: int = 0) -> Callable[[int], None] | None:
         """Upstream Wan2GP's per-step LoRA multipliers (`loras_slists`, from settings such as "1.0,0.5"):
-        its helper expands them for `steps`, and mmgp's LoRA hooks then read the step number set here
-        before each step. None when the host did not load LoRAs through mmgp or lacks the helper (this
-        app merges LoRAs itself, at constant strengths)."""
+        its helper expands them for the `steps` of the full schedule, and mmgp's LoRA hooks then read the
+        step number set here before each step (img2img runs the schedule's last steps: step i of the run is
+        `first_step + i`, as upstream's families count it). None when the host did not load LoRAs through
+        mmgp or lacks the helper (this app merges LoRAs itself, at constant strengths)."""
         if not loras_slists or not hasattr(self.transformer, "_loras_model_data"):
             return None
         try:  # upstream's module, only present when the family runs inside Wan2GP
@@ -383,7 +468,7 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
         except ImportError:
             return None
         multipliers.update_loras_slists(self.transformer, loras_slists, steps)
-        return functools.partial(offload.set_step_no_for_lora, self.transformer)
+        return lambda i: offload.set_step_no_for_lora(self.transformer, first_step + i)
 
     def _activate_loras(self, prompt: str, loras: LoraRequest | None, lora_dir: str | os.PathLike | None,
                         offloadobj=None) -> str:

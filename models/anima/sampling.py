@@ -622,10 +622,13 @@ def sample(
     return _SAMPLE_FUNCTIONS[spec.name](denoise, x, sigmas, noise_sampler, callback)
 
 
-def start_latents(noise: Tensor, sigmas: Tensor) -> Tensor:
-    """The latents sampling starts from for text-to-image: ComfyUI's flow noise scaling of an empty latent,
-    sigmas[0] * noise (the noise itself when the schedule starts at 1)."""
-    return sigmas[0] * noise
+def start_latents(noise: Tensor, sigmas: Tensor, latent: Tensor | None = None) -> Tensor:
+    """The latents sampling starts from: ComfyUI's flow noise scaling sigma0 * noise + (1 - sigma0) * latent
+    of the source latent (img2img), or of an empty latent, sigmas[0] * noise (the noise itself when the
+    schedule starts at 1)."""
+    if latent is None:
+        return sigmas[0] * noise
+    return sigmas[0] * noise + (1.0 - sigmas[0]) * latent
 
 
 def cfg_cutoff_sigma(sigmas: Tensor, cfg_truncation: float) -> float | None:
