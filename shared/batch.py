@@ -166,6 +166,38 @@ def _summary(failed: list[_Checked], total: int, err: TextIO, ran: bool = True) 
     return 1 if failed else 0
 
 
+class _AboveTheBar:
+    """A text stream whose lines go above a progress bar (tqdm.write) instead of through it."""
+
+    def __init__(self, bar: tqdm, err: TextIO):
+        self.bar, self.err, self.pending = bar, err, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.bar.write(line, file=self.err)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.bar.write(self.pending, file=self.err)
+            self.pending = ""
+
+
+@contextlib.contextmanager
+def _lines_above(bar: tqdm, runtime: Runtime, err: TextIO):
+    """While the bar is shown, printed text and the runtime's messages (a hires warning, the step cache's
+    summary) go above it, each on its own line."""
+    stream, log = _AboveTheBar(bar, err), runtime.log
+    runtime.log = lambda message: print(message, file=stream)
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.flush()
+        runtime.log = log
+
+
 def _run_one(item: _Checked, total: int, runtime: Runtime, out: TextIO, err: TextIO) -> None:
     task = item.task
     print(f"[{item.number}/{total}] {_describe(task)}", file=err)
@@ -177,7 +209,7 @@ def _run_one(item: _Checked, total: int, runtime: Runtime, out: TextIO, err: Tex
         runtime.load(task.model_type)  # before the bar, so loading messages stay readable
         # mininterval=0: a step takes long enough that every one may redraw the bar, and its report shows
         with tqdm(total=task["num_inference_steps"], unit="step", file=err, leave=False, mininterval=0,
-                  desc=f"[{item.number}/{total}]") as bar:
+                  desc=f"[{item.number}/{total}]") as bar, _lines_above(bar, runtime, err):
             def advance(info: StepInfo) -> None:
                 bar.total = info.total
                 if info.detail:

@@ -359,11 +359,21 @@ def resolve_task(
 
 def _with_custom_settings(task: dict[str, Any], schema: Schema) -> dict[str, Any]:
     """Upstream Wan2GP keeps a family's own settings in `custom_settings` ({id: value}); the ones that are
-    settings here (e.g. the hires fix) count as if given at the top level, which wins."""
+    settings here (the scheduler, CFG truncation, the hires fix) count as if given at the top level, which
+    wins."""
     custom = task.get("custom_settings")
     if not isinstance(custom, Mapping):
         return task
-    return {**{k: v for k, v in custom.items() if k in schema}, **task}
+    found: dict[str, Any] = {}
+    for setting in schema:
+        custom_id, factor = setting.upstream_custom or (setting.key, None)
+        if custom_id not in custom:
+            continue
+        value = custom[custom_id]
+        if factor is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = value * factor
+        found[setting.key] = value
+    return {**found, **task}
 
 
 def _check_recorded_files(task: Mapping[str, Any], schema: Schema, warnings: list[str]) -> None:

@@ -165,6 +165,9 @@ class Setting:
     ui_step: float | None = None
     ui_lines: int = 1
     kwarg: str | Callable[[Any], dict[str, Any]] | None = None  # the generate() keyword, or value -> kwargs
+    # upstream Wan2GP's `custom_settings` entry holding this value when its id is not `key`: (id, factor
+    # from its value to this one), e.g. CFG truncation there is a fraction, here a percentage
+    upstream_custom: tuple[str, float] | None = None
 
     def __post_init__(self):
         if self.type not in VALUE_TYPES:
@@ -405,7 +408,8 @@ SCHEDULER_SETTINGS = (
             high=100, cli="--cfg-truncation", metavar="PERCENT", a1111="CFG truncation",
             a1111_when=lambda settings: float(settings.get("cfg_truncation_perc", 100.0)) != 100.0,
             ui_step=5, help="apply CFG only in this first percentage of the steps, the later ones run the positive "
-            "prompt alone (faster); 100 = every step", kwarg=lambda value: {"cfg_truncation": value / 100}),
+            "prompt alone (faster); 100 = every step", kwarg=lambda value: {"cfg_truncation": value / 100},
+            upstream_custom=("cfg_truncation", 100.0)),
 )
 
 LORA_SETTINGS = (

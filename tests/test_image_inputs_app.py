@@ -182,9 +182,12 @@ def test_settings_that_cannot_run_are_clear_errors(registry, tmp_path, settings,
         task(registry, resolution="64x48", **settings)
 
 
-def test_upstreams_custom_settings_fill_the_hires_settings(registry):
-    clean, warnings = task(registry, custom_settings={"hires_scale": 1.5, "hires_steps": 3, "other": 1})
+def test_upstreams_custom_settings_fill_the_hires_scheduler_and_truncation_settings(registry):
+    clean, warnings = task(registry, custom_settings={"hires_scale": 1.5, "hires_steps": 3, "other": 1,
+                                                      "scheduler": "beta", "cfg_truncation": 0.35})
     assert (clean["hires_scale"], clean["hires_steps"], warnings) == (1.5, 3, [])
+    # upstream's CFG truncation is the fraction of guided steps, this app's the percentage
+    assert (clean["scheduler"], clean["cfg_truncation_perc"]) == ("beta", 35.0)
     assert task(registry, hires_scale=1.25, custom_settings={"hires_scale": 1.5})[0]["hires_scale"] == 1.25
 
 

@@ -81,6 +81,8 @@ def test_cli_flags_run_a_cache_report_its_steps_and_record_it(capsys, ckpts, tmp
     summary = re.search(r"TeaCache skipped (\d+) of 8 steps \((\d+) of 16 DiT passes\)", err)
     assert summary and int(summary.group(1)) > 0, err
     assert "TeaCache: " in err  # the progress bar's step report
+    # the summary is a line of its own above the bar, not glued to it
+    assert any(line.split("\r")[-1].startswith("TeaCache skipped") for line in err.splitlines()), err
     settings, parameters = read_image_metadata(Path(out.splitlines()[0]))
     assert (settings["skip_steps_cache_type"], settings["skip_steps_multiplier"],
             settings["skip_steps_start_step_perc"]) == ("tea", 2.5, 10)
