@@ -21,15 +21,9 @@ from shared.runtime import Runtime, RuntimeOptions, SavedImage, StepInfo
 from tests.test_pipeline import run, write_lora
 from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GB = 1 << 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors, and a machine shared with other test runs
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

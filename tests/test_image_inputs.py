@@ -17,17 +17,9 @@ from tests import comfy_loops
 from tests.test_sampler_parity import toy_denoiser
 from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts
 
-pytestmark = pytest.mark.filterwarnings("ignore:Should have t")
+pytestmark = [pytest.mark.filterwarnings("ignore:Should have t"), pytest.mark.usefixtures("one_thread")]
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality"
 WIDTH, HEIGHT = 64, 48  # latents 8 x 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,10 @@ from models.anima.text_encoder import TOKENIZER_DIR
 from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
 from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
 SIZE = dict(width=64, height=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: handing work to a second thread costs more than the math, and other test runs share
-    # the two cores of this machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

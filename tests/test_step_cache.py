@@ -13,16 +13,10 @@ from models.anima.anima_handler import family_handler
 from models.anima.step_cache import StepCacheRun, StepCacheSettings
 from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts, write_tiny_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
 SIZE = dict(width=64, height=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
