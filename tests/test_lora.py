@@ -492,6 +492,18 @@ def test_mmgp_conversion_is_read_by_mmgp_as_the_same_change(base_sd, tmp_path):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_mmgp_conversion_keeps_its_tensors_off_the_default_device(base_sd):
+    """mmgp leaves torch's default device on CUDA: the converted LoRA (alphas too) stays where the file's
+    tensors are, never on the default device (here `meta`, which would lose the values)."""
+    model = fresh_dit(base_sd, dtype=torch.float32)
+    lora, _ = kohya(base_sd)
+    with torch.device("meta"):
+        converted = model.preprocess_loras("anima", lora)
+    assert any(k.endswith(".alpha") for k in converted)
+    assert {v.device.type for v in converted.values()} == {"cpu"}
+    assert all(float(converted[k]) == RANK / 2 for k in converted if k.endswith(".alpha"))
+
+
 @pytest.mark.parametrize("prompt, clean, loras", [
     ("1girl, <lora:style:0.8>, smile", "1girl, smile", [("style", 0.8)]),
     ("<lora:turbo> 1girl", "1girl", [("turbo", 1.0)]),

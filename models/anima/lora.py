@@ -207,7 +207,8 @@ def to_mmgp_lora_state_dict(sd: Mapping[str, Tensor], dit: nn.Module) -> dict[st
             out[f"{module_name}.lora_A.weight"] = t["down"].flatten(1)
             out[f"{module_name}.lora_B.weight"] = t["up"].flatten(1)
             if adapter.alpha is not None:
-                out[f"{module_name}.alpha"] = torch.tensor(adapter.alpha)
+                # beside the LoRA's tensors, whatever the default device (mmgp leaves it on CUDA)
+                out[f"{module_name}.alpha"] = torch.tensor(adapter.alpha, device=t["down"].device)
         elif adapter.kind == "lokr" and adapter.dora_scale is None and "lokr_t2" not in t:
             factors = {k: v.float() for k, v in t.items()}
             w1, w2 = factor(factors, "lokr_w1") * scale, factor(factors, "lokr_w2")
