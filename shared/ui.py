@@ -483,15 +483,20 @@ class WebApp:
         return self.license_view(model_type)
 
     def negative_prompt_state(self, model_type: str, guidance_scale: Any):
-        """The negative prompt is greyed out where it is not used: at CFG 1 (no unconditional pass), or for a
-        model whose definition says it has none (`no_negative_prompt`, e.g. Turbo)."""
+        """The negative prompt is greyed out where it is not used: at CFG 1 (no unconditional pass). A model
+        whose definition says it goes without one (`no_negative_prompt`, e.g. Turbo) says so, but at a
+        higher CFG the negative prompt is used, so it stays editable there."""
         definition = self.registry.entry(model_type).definition if model_type in self.registry.model_types else {}
         try:
             unused = float(guidance_scale) == 1.0
         except (TypeError, ValueError):
             unused = False
-        unused = unused or bool(definition.get("no_negative_prompt"))
-        return gr.update(interactive=not unused, info="not used at CFG 1" if unused else None)
+        if unused:
+            return gr.update(interactive=False, info="not used at CFG 1")
+        if definition.get("no_negative_prompt"):
+            return gr.update(interactive=True, info="this model is made for CFG 1 without a negative prompt; "
+                                                    "at this CFG it is used")
+        return gr.update(interactive=True, info=None)
 
     def on_abort(self) -> None:
         if self.queue.abort():

@@ -286,7 +286,10 @@ def test_the_ui_greys_the_negative_prompt_out_where_it_is_unused(registry, tmp_p
                  SettingsStore(tmp_path))
     assert app.negative_prompt_state("anima", 4.0)["interactive"] is True
     assert app.negative_prompt_state("anima", 1)["interactive"] is False
-    assert app.negative_prompt_state("anima_turbo_v1_1", 3.0)["interactive"] is False
+    assert app.negative_prompt_state("anima_turbo_v1_1", 1.0)["interactive"] is False
+    # above CFG 1 generate() uses the negative prompt, Turbo's too: editable, with a word on Turbo's intent
+    turbo = app.negative_prompt_state("anima_turbo_v1_1", 3.0)
+    assert turbo["interactive"] is True and "made for CFG 1" in turbo["info"]
 
 
 # --- scheduler and CFG truncation through a PNG ----------------------------------------------------
