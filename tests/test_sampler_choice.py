@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from models.anima import sampling, schedulers
-from tests.test_pipeline import DiTCalls, ckpts, model, one_thread, run  # noqa: F401 (fixtures)
+from tests.test_pipeline import DiTCalls, ckpts, model, run  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("solver", list(sampling.SAMPLERS))
