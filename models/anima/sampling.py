@@ -218,11 +218,11 @@ def sample_euler_ancestral(
     Steps deterministically down to sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta), then
     rescales and adds fresh noise so that the marginal at sigma_next is matched again.
     """
-    to_zero = _ends_at_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
-        if to_zero[i]:
+        if zero_next[i]:
             x = denoised
         else:
             sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
@@ -254,11 +254,11 @@ def sample_er_sde(
     lambdas = half_log_snr(sigmas).neg().exp()  # sigma / alpha; 0 at sigma = 0
     points = torch.arange(0, float(ER_SDE_INTEGRATION_POINTS), dtype=torch.float32, device=x.device)
     old_denoised = old_denoised_d = None
-    to_zero = _ends_at_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
         stage = min(max_stage, i + 1)
-        if to_zero[i]:
+        if zero_next[i]:
             x = denoised
         else:
             lam_s, lam_t = lambdas[i], lambdas[i + 1]
@@ -287,6 +287,26 @@ def sample_er_sde(
 
 
 @torch.no_grad()
+def _sde_exponential_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
+                          eta: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The DPM++ SDE samplers' first-order step in the flow model's log-SNR: (x after it, h, h * (eta + 1),
+    alpha_t), the last three for their higher-order corrections."""
+    lambda_s, lambda_t = half_log_snr(sigma), half_log_snr(sigma_next)
+    h = lambda_t - lambda_s
+    h_eta = h * (eta + 1)
+    alpha_t = sigma_next * lambda_t.exp()
+    x = sigma_next / sigma * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+    return x, h, h_eta, alpha_t
+
+
+def _sde_add_noise(x: Tensor, noise: NoiseSampler, sigma: Tensor, sigma_next: Tensor, h: Tensor, eta: float,
+                   s_noise: float) -> Tensor:
+    """The DPM++ SDE samplers' noise for a step of log-SNR length h."""
+    if eta > 0 and s_noise > 0:
+        x = x + noise(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+    return x
+
+
 def sample_dpmpp_2m_sde(
     denoise: Denoiser, x: Tensor, sigmas: Tensor, noise: NoiseSampler,
     callback: StepCallback | None = None, *, eta: float = 1.0, s_noise: float = 1.0,
@@ -294,23 +314,18 @@ def sample_dpmpp_2m_sde(
     """DPM-Solver++(2M) SDE with ComfyUI's defaults (midpoint correction, eta 1, s_noise 1), in the flow
     model's log-SNR. `sigmas` must start below 1; ComfyUI's noise is `brownian_noise_sampler`'s."""
     old_denoised, h, h_last = None, None, None
-    to_zero = _ends_at_zero(sigmas)
+    zero_next = _ends_at_zero(sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
-        if to_zero[i]:
+        if zero_next[i]:
             x = denoised
         else:
-            lambda_s, lambda_t = half_log_snr(sigma), half_log_snr(sigma_next)
-            h = lambda_t - lambda_s
-            h_eta = h * (eta + 1)
-            alpha_t = sigma_next * lambda_t.exp()
-            x = sigma_next / sigma * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            x, h, h_eta, alpha_t = _sde_exponential_step(x, denoised, sigma, sigma_next, eta)
             if old_denoised is not None:
                 r = h_last / h
                 x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
-            if eta > 0 and s_noise > 0:
-                x = x + noise(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+            x = _sde_add_noise(x, noise, sigma, sigma_next, h, eta, s_noise)
         old_denoised, h_last = denoised, h
         _report(callback, i, x, denoised)
     return x
@@ -385,11 +400,7 @@ def sample_dpmpp_3m_sde(
         if zero_next[i]:
             x = denoised
         else:
-            lambda_s, lambda_t = half_log_snr(sigma), half_log_snr(sigma_next)
-            h = lambda_t - lambda_s
-            h_eta = h * (eta + 1)
-            alpha_t = sigma_next * lambda_t.exp()
-            x = sigma_next / sigma * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            x, h, h_eta, alpha_t = _sde_exponential_step(x, denoised, sigma, sigma_next, eta)
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
@@ -403,8 +414,7 @@ def sample_dpmpp_3m_sde(
                 d = (denoised - denoised_1) / (h_1 / h)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + (alpha_t * phi_2) * d
-            if eta > 0 and s_noise > 0:
-                x = x + noise(sigma, sigma_next) * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+            x = _sde_add_noise(x, noise, sigma, sigma_next, h, eta, s_noise)
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
         _report(callback, i, x, denoised)
