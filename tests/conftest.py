@@ -23,3 +23,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A folder with the three tiny real-format weight files (tests/tiny_ckpts.py), one per test module."""
+    from tests.tiny_ckpts import write_tiny_ckpts
+
+    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))

@@ -19,16 +19,11 @@ from shared import attention, jobs, offload
 from shared.images import latent_preview
 from shared.runtime import Runtime, RuntimeOptions, SavedImage, StepInfo
 from tests.test_pipeline import run, write_lora
-from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
+from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from models.anima import sampling
 from models.anima.anima_handler import family_handler as handler
 from shared import files
 from shared.offload import offload_pipe
-from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
+from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFINITION = ROOT / "defaults" / "anima_preview.json"
@@ -160,11 +160,6 @@ def test_the_architecture_has_a_definition_of_its_own_name():
 
 
 # --- loading ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
 
 
 def move(ckpts, tmp_path, layout):

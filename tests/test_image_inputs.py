@@ -15,7 +15,7 @@ from models.anima import image_inputs, sampling, schedulers
 from models.anima.anima_handler import family_handler
 from tests import comfy_loops
 from tests.test_sampler_parity import toy_denoiser
-from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts
+from tests.tiny_ckpts import DIT_FILE
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Should have t"), pytest.mark.usefixtures("one_thread")]
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality"
@@ -23,8 +23,7 @@ WIDTH, HEIGHT = 64, 48  # latents 8 x 6
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    ckpts = write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
+def model(ckpts):
     return family_handler.load_model([str(ckpts / DIT_FILE)])[0]
 
 

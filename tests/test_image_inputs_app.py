@@ -27,13 +27,6 @@ def registry():
     return ModelRegistry(handlers, [ROOT / "defaults"])
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    from tests.tiny_ckpts import write_tiny_ckpts
-
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
-
-
 def picture(path, size=(64, 48), mode="RGB", color=None, seed=0):
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) if color is None else \

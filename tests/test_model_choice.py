@@ -19,7 +19,7 @@ from shared import files
 from shared.cli_args import QUANTIZE_CHOICES
 from shared.images import read_image_metadata
 from shared.settings import ModelRegistry, SettingsError
-from tests.tiny_ckpts import TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
+from tests.tiny_ckpts import TEXT_ENCODER_FILE, VAE_FILE
 from tests.tiny_dit import write_dit_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,11 +57,6 @@ def offline(monkeypatch):
 @pytest.fixture(scope="module")
 def registry():
     return wgp.load_registry()
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
 
 
 def run(capsys, *argv):

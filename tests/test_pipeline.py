@@ -17,17 +17,12 @@ from models.anima.anima_handler import family_handler
 from models.anima.anima_main import model_factory
 from models.anima.text_encoder import TOKENIZER_DIR
 from tests.reference import anima_text_conditioner_class, cosmos_transformer_class
-from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE, write_tiny_ckpts
+from tests.tiny_ckpts import DIT_FILE, TEXT_ENCODER_FILE, VAE_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
 SIZE = dict(width=64, height=48)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.anima import sampling, schedulers
-from tests.test_pipeline import DiTCalls, ckpts, model, run  # noqa: F401 (fixtures)
+from tests.test_pipeline import DiTCalls, model, run  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

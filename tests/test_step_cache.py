@@ -11,17 +11,12 @@ import torch
 from models.anima import registry, step_cache
 from models.anima.anima_handler import family_handler
 from models.anima.step_cache import StepCacheRun, StepCacheSettings
-from tests.tiny_ckpts import DIT_FILE, write_tiny_ckpts, write_tiny_lora
+from tests.tiny_ckpts import DIT_FILE, write_tiny_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT, NEGATIVE = "a cat sitting on a red sofa", "worst quality, blurry"
 SIZE = dict(width=64, height=48)
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,6 @@ def registry():
     return ModelRegistry([family_handler], [ROOT / "defaults"])
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    from tests.tiny_ckpts import write_tiny_ckpts
-
-    return write_tiny_ckpts(tmp_path_factory.mktemp("ckpts"))
-
-
 def cache_values(registry, **settings):
     task, _ = resolve_task(registry, {"model_type": "anima_preview", **settings})
     return task["skip_steps_cache_type"], task["skip_steps_multiplier"], task["skip_steps_start_step_perc"]

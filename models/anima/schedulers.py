@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .registry import DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLERS, SCHEDULERS, canonical_sampler, canonical_scheduler
-from .sampling import sigma_table, simple_schedule, time_snr_shift
+from .sampling import sigma_table, simple_schedule, time_snr_shift  # simple_schedule: named by the registry
 
 ScheduleFn = Callable[[int, float], Tensor]
 
