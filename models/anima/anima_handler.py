@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .lora_tags import extract_lora_tags, find_lora_file
 from .registry import (DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT, SAMPLER_ALIASES, SAMPLERS, SCHEDULERS,
-                       SPEED_MULTIPLIERS, STEP_CACHES, TEACACHE_COEFFICIENTS, menu_choices, multiplier_choices)
+                       SIZE_MULTIPLE, SPEED_MULTIPLIERS, STEP_CACHES, TEACACHE_COEFFICIENTS, menu_choices,
+                       multiplier_choices)
 
 FAMILY = "anima"
 REPO_ID = "circlestone-labs/Anima"
@@ -59,7 +60,6 @@ RESOLUTIONS = [
     ["768x1344 (4:7)", "768x1344"],
     ["1344x768 (7:4)", "1344x768"],
 ]
-SIZE_MULTIPLE = 16
 # Wan 2.1 latent -> RGB preview factors, one [r, g, b] row per latent channel (anima_reference.md §6.3).
 RGB_FACTORS = [
     [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],

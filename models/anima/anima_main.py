@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import image_inputs, sampling, step_cache
-from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT
+from .registry import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_SHIFT, SIZE_MULTIPLE
 from .anima_model import load_anima_model, save_anima_model
 from .lora import LoraPatcher
 from .lora_tags import extract_lora_tags, find_lora_file
@@ -36,7 +36,6 @@ from .vae import load_vae
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
-SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 DiT patches
 MAX_RANDOM_SEED = 999_999_999  # Wan2GP's range for seed -1
 
 LoraRequest = Sequence[tuple[str | os.PathLike, float]]

@@ -31,10 +31,10 @@ from PIL import Image
 from torch import Tensor
 
 from . import schedulers
+from .registry import SIZE_MULTIPLE
 from .sampling import Denoiser
 
 FULL_DENOISE = 0.9999  # ComfyUI's KSampler: a denoise above this runs the whole schedule
-SIZE_MULTIPLE = 16  # 8x VAE, then 2x2 DiT patches
 HIRES_WARN_SCALE = 1.5  # the model card: Anima degrades beyond about 1.5 MP
 HIRES_UPSCALERS = ("lanczos",)
 

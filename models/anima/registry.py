@@ -17,6 +17,7 @@ from dataclasses import dataclass
 DEFAULT_SHIFT = 3.0  # ComfyUI's sampling_settings for Anima
 DEFAULT_SAMPLER = "er_sde"  # the model card's
 DEFAULT_SCHEDULER = "simple"
+SIZE_MULTIPLE = 16  # image sides: 8x VAE downsampling, then 2x2 DiT patches
 
 NO_NOISE, GAUSSIAN_NOISE, BROWNIAN_NOISE, DEVICE_BROWNIAN_NOISE = "none", "gaussian", "brownian", "device_brownian"
 
