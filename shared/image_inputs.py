@@ -5,13 +5,13 @@ settings file gives the same images in both apps:
 - files are read as an image viewer shows them: EXIF rotation applied, transparency over white, 16-bit
   and CMYK converted; anything that is not an image is a clear error;
 - the source is resized (Lanczos) to the output size, the output size being the task's resolution or, when
-  none was given, the source's own size rounded to multiples of 16;
+  none was given, the source's own size rounded to the model's size multiple (16 for Anima);
 - the mask (white = repaint; a transparent PNG: its painted, opaque pixels) is resized to the source,
   thresholded at 127.5, grown or shrunk by `mask_expand` pixels (three passes of an elliptic kernel, as
   OpenCV's dilate / erode in upstream) and optionally feathered by `mask_blur` (a Gaussian);
 - outpainting ("top bottom left right" percentages) places the resized source inside the canvas at
-  margins rounded to multiples of 16, fills the margins with upstream's grey (127) and marks them for
-  repainting.
+  margins rounded to the model's quantum (16 for Anima), fills the margins with upstream's grey (127) and
+  marks them for repainting.
 
 Cross-setting rules (which letters apply, which files are needed) are `settle`, called by validation.
 """
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from shared.settings_schema import MAX_SIDE, SettingsError, guide_letters, outpainting_margins
+from shared.settings_schema import (DEFAULT_SIZE_MULTIPLE, MAX_SIDE, SettingsError, guide_letters,
+                                    outpainting_margins)
 
-SIZE_MULTIPLE = 16
 MASK_THRESHOLD = 127.5  # upstream's cv2.threshold(mask, 127.5, 255)
 EXPAND_PASSES = 3  # upstream's iterations of cv2.dilate / cv2.erode
 OUTPAINT_FILL = 127  # upstream's grey (its 127.5 default stored in uint8), the family's inpaint_color 7F7F7F
@@ -125,14 +125,15 @@ def image_size(path: str | Path, what: str = "image_guide") -> tuple[int, int]:
     return open_image(path, what).size
 
 
-def native_resolution(path: str | Path, outpainting: str | None = None) -> str:
+def native_resolution(path: str | Path, outpainting: str | None = None, multiple: int = DEFAULT_SIZE_MULTIPLE) -> str:
     """The output size of a task with a source image and no resolution: the source's own size (plus its
-    outpainting margins) rounded to multiples of 16, as "WxH". ValueError past the 4096-pixel limit."""
+    outpainting margins) rounded to multiples of the model's `multiple`, as "WxH". ValueError past the
+    4096-pixel limit."""
     width, height = image_size(path)
     margins = outpainting_margins(outpainting) or (0, 0, 0, 0)
     top, bottom, left, right = margins
     width, height = int(width * (100 + left + right) / 100), int(height * (100 + top + bottom) / 100)
-    rounded = [max(SIZE_MULTIPLE, round(v / SIZE_MULTIPLE) * SIZE_MULTIPLE) for v in (width, height)]
+    rounded = [max(multiple, round(v / multiple) * multiple) for v in (width, height)]
     if max(rounded) > MAX_SIDE:
         what = "with its outpainting margins " if any(margins) else ""
         raise ValueError(f"image_guide {path} is {width}x{height} {what}and the output would take that size, past the "
@@ -192,8 +193,7 @@ class Placement:
 
 def _quantize_axis(before: int, inner: int, total: int, quantum: int) -> tuple[int, int]:
     """Margins before and after the source rounded to multiples of `quantum`, keeping at least one quantum
-    of source, so the source always keeps 16 pixels (upstream's `_quantize_outpainting_axis`); returns
-    (inner, before)."""
+    of source (upstream's `_quantize_outpainting_axis`); returns (inner, before)."""
     after = total - before - inner
     before = max(0, int(round(before / quantum) * quantum))
     after = max(0, int(round(after / quantum) * quantum))
@@ -207,7 +207,7 @@ def _quantize_axis(before: int, inner: int, total: int, quantum: int) -> tuple[i
 
 
 def outpaint_placement(width: int, height: int, margins: tuple[int, int, int, int],
-                       quantum: int = SIZE_MULTIPLE) -> Placement:
+                       quantum: int = DEFAULT_SIZE_MULTIPLE) -> Placement:
     """The source's place on a width x height canvas with margins "top bottom left right" in percent of the
     source (upstream's `get_outpainting_frame_location` with margins quantized to `quantum`)."""
     top, bottom, left, right = margins
@@ -241,11 +241,12 @@ def _aspect_note(source: tuple[int, int], size: tuple[int, int]) -> str:
     return f" (stretched: aspect {before:.2f} -> {after:.2f})" if abs(before / after - 1) > 0.01 else ""
 
 
-def prepare(values: Mapping[str, Any], width: int, height: int) -> PreparedInputs:
+def prepare(values: Mapping[str, Any], width: int, height: int, quantum: int = DEFAULT_SIZE_MULTIPLE) -> PreparedInputs:
     """`generate()`'s image-input kwargs for a validated task of output size width x height: input_frames
     [3, 1, H, W] in [-1, 1] (x / 255 * 2 - 1, ComfyUI's arithmetic), input_masks [1, 1, H, W] in [0, 1] or
     None, the effective letters, image_mode and denoising / masking strengths (1 where a letter turns them
-    off, as upstream does) and the outpainting margins. Notices say what was resized or dropped."""
+    off, as upstream does) and the outpainting margins, rounded to multiples of `quantum` (the model's
+    `outpainting_quantize_margins`). Notices say what was resized or dropped."""
     import torch
 
     letters = guide_letters(values)
@@ -257,7 +258,7 @@ def prepare(values: Mapping[str, Any], width: int, height: int) -> PreparedInput
     notices = []
     masked = "A" in letters and "U" not in letters
     margins = outpainting_margins(values.get("video_guide_outpainting")) if masked else None
-    place = outpaint_placement(width, height, margins) if margins else Placement(width, height, 0, 0)
+    place = outpaint_placement(width, height, margins, quantum) if margins else Placement(width, height, 0, 0)
     source = open_image(guide)
     inner = (place.width, place.height)
     if source.size != inner:

@@ -197,9 +197,13 @@ class Runtime:
         return notices
 
     def image_inputs(self, task: Task) -> PreparedInputs:
-        """The task's source image and mask as `generate()` takes them (shared/image_inputs.py)."""
+        """The task's source image and mask as `generate()` takes them (shared/image_inputs.py), outpainting
+        margins rounded as the model's definition says (as upstream Wan2GP reads it)."""
         width, height = parse_resolution(task["resolution"], 1)
-        return prepare_image_inputs(task.values, width, height)
+        definition = self.registry.entry(task.model_type).definition
+        quantum = definition.get("outpainting_quantize_margins") or self.registry.schema["resolution"].rule(
+            definition).multiple
+        return prepare_image_inputs(task.values, width, height, int(quantum))
 
     def loras(self, task: Task) -> tuple[str, list[TaskLora]]:
         """(prompt without LoRA tags, the task's LoRA files)."""

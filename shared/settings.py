@@ -345,8 +345,9 @@ def resolve_task(
     try:
         _check_recorded_files(task, registry.schema, warnings)
         if "resolution" not in task and "resolution" not in defaults and settings.get("image_guide"):
+            multiple = registry.schema["resolution"].rule(registry.entry(str(chosen)).definition).multiple
             settings["resolution"] = image_inputs.native_resolution(settings["image_guide"],
-                                                                    settings.get("video_guide_outpainting"))
+                                                                    settings.get("video_guide_outpainting"), multiple)
         clean = validate_settings(registry.entry(str(chosen)), settings, registry.schema, warnings)
     except (SettingsError, ValueError) as e:
         raise SettingsError(located(e)) from None
