@@ -322,11 +322,11 @@ class Runtime:
                                   f"{NON_FINITE_HINT}.")
         return self._save_all(images, task, prompt, loras, on_saved)
 
-    def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable,
-                        inputs: PreparedInputs | None = None) -> dict[str, Any]:
+    def generate_kwargs(self, task: Task, prompt: str, loras: list[TaskLora], callback: Callable) -> dict[str, Any]:
         """Wan2GP's `generate()` keyword arguments for one task (wan2gp_contract.md §4.2): the schema's
         mapping of every setting, with the prompt's LoRA tags already turned into files and the source image
-        and mask turned into tensors (`inputs`, prepared here when not given)."""
+        and mask turned into tensors (read again here: a batch checks every task before the first runs, and
+        holding all their tensors until then would cost memory)."""
         kwargs = task.schema.generate_kwargs(task.values)
         kwargs.update(
             input_prompt=prompt, loras=[(str(lora.path), lora.strength) for lora in loras],
@@ -334,7 +334,7 @@ class Runtime:
             model_type=self.registry.entry(task.model_type).base_model_type,
             VAE_tile_size=None, joint_pass=True, frame_num=1,
         )
-        kwargs.update((inputs or self.image_inputs(task)).kwargs)
+        kwargs.update(self.image_inputs(task).kwargs)
         return kwargs
 
     def _save_all(self, images: Tensor, task: Task, prompt: str, loras: list[TaskLora],
