@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
-from shared.settings_schema import (DEFAULT_SIZE_MULTIPLE, MAX_SIDE, SettingsError, guide_letters,
+from shared.settings_schema import (DEFAULT_SIZE_MULTIPLE, MAX_SIDE, SettingsError, guide_letters, letters_mask,
                                     outpainting_margins)
 
 MASK_THRESHOLD = 127.5  # upstream's cv2.threshold(mask, 127.5, 255)
@@ -66,7 +66,7 @@ def settle(values: Mapping[str, Any]) -> list[str]:
     if "V" not in letters:
         notices.append(f"image_guide is not used: video_prompt_type {given!r} has no V (a control image).")
         return notices
-    masked = "A" in letters and "U" not in letters
+    masked = letters_mask(letters)
     if masked and not mask and not margins:
         raise SettingsError("Inpainting needs a mask: give image_mask (--mask, white = repaint), outpainting "
                             "margins, or use image mode 1 (image to image).")
@@ -256,7 +256,7 @@ def prepare(values: Mapping[str, Any], width: int, height: int, quantum: int = D
                                "image_mode": 1, "outpainting_dims": None, "denoising_strength": 1.0,
                                "masking_strength": 1.0})
     notices = []
-    masked = "A" in letters and "U" not in letters
+    masked = letters_mask(letters)
     margins = outpainting_margins(values.get("video_guide_outpainting")) if masked else None
     place = outpaint_placement(width, height, margins, quantum) if margins else Placement(width, height, 0, 0)
     source = open_image(guide)

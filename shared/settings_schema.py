@@ -454,9 +454,13 @@ def _denoised_guide(settings: Mapping[str, Any]) -> bool:
     return _guided(settings) and "G" in guide_letters(settings)
 
 
+def letters_mask(letters: str) -> bool:
+    """Whether Wan2GP's letters mask the source: A (a mask) without U (its identity preprocessing)."""
+    return "A" in letters and "U" not in letters
+
+
 def _masked(settings: Mapping[str, Any]) -> bool:
-    letters = guide_letters(settings)
-    return _guided(settings) and "A" in letters and "U" not in letters
+    return _guided(settings) and letters_mask(guide_letters(settings))
 
 
 def _hires(settings: Mapping[str, Any]) -> bool:
