@@ -463,11 +463,16 @@ def _masked(settings: Mapping[str, Any]) -> bool:
     return _guided(settings) and letters_mask(guide_letters(settings))
 
 
-def _hires(settings: Mapping[str, Any]) -> bool:
+def hires_on(scale: Any) -> bool:
+    """Whether a `hires_scale` value asks for a hires pass (above 1; empty or unreadable: no)."""
     try:
-        return float(settings.get("hires_scale") or 1) > 1
+        return float(scale or 1) > 1
     except (TypeError, ValueError):
         return False
+
+
+def _hires(settings: Mapping[str, Any]) -> bool:
+    return hires_on(settings.get("hires_scale"))
 
 
 IMAGE_INPUT_SETTINGS = (

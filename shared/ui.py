@@ -32,7 +32,7 @@ from shared.licenses import LicenseNotAccepted
 from shared.loras import list_loras
 from shared.runtime import Runtime
 from shared.settings import ModelRegistry, SettingsError, SettingsStore, resolve_task
-from shared.settings_schema import Setting, SettingGroup
+from shared.settings_schema import Setting, SettingGroup, hires_on
 
 POLL_SECONDS = 0.5
 HIRES_SCALE_KEY = "hires_scale"  # its number box comes with an on / off toggle
@@ -688,16 +688,9 @@ def _wire_image_inputs(app: WebApp, right: dict[str, Any]) -> None:
         right["use_input"].click(app.on_use_as_input, right["selected"], [source, editor], show_progress="hidden")
     if controls.hires_toggle is not None:
         scale = controls.components[HIRES_SCALE_KEY]
-        controls.hires_toggle.input(lambda on, value: (value if (value or 1) > 1 else HIRES_ON_SCALE) if on else 1.0,
+        controls.hires_toggle.input(lambda on, value: (value if hires_on(value) else HIRES_ON_SCALE) if on else 1.0,
                                     [controls.hires_toggle, scale], scale, show_progress="hidden")
-        scale.change(lambda value: _is_above_one(value), scale, controls.hires_toggle, show_progress="hidden")
-
-
-def _is_above_one(value: Any) -> bool:
-    try:
-        return float(value) > 1
-    except (TypeError, ValueError):
-        return False
+        scale.change(hires_on, scale, controls.hires_toggle, show_progress="hidden")
 
 
 def launch(args: argparse.Namespace, registry: ModelRegistry, runtime: Runtime) -> None:
