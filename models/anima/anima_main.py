@@ -273,7 +273,8 @@ class model_factory:  # noqa: N801 (Wan2GP's name for a family's model object)
                 # each pass its own cache state: the hires pass's DiT inputs have another size
                 cache_run = self._step_cache_run(skip_steps_cache_type, skip_steps_multiplier,
                                                  skip_steps_start_step_perc)
-                cache_runs.extend([cache_run] if cache_run is not None else [])
+                if cache_run is not None:
+                    cache_runs.append(cache_run)
                 denoise = self._denoiser(cond, uncond[0] if uncond else None, guide_scale, joint_pass,
                                          sampling.cfg_cutoff_sigma(sigmas, cfg_truncation), cache_run)
                 lora_step = self._lora_step_setter(loras_slists, schedule.full_steps, schedule.first_step)
